@@ -1,0 +1,288 @@
+"""The training engine: `train_and_evaluate(config, workdir)` runs one experiment end to end.
+
+Read top to bottom like big_vision's train.py: setup and mesh, input, model and optimizer, sharding,
+the jitted steps, checkpoint/resume, the loop, the final evaluation and the run's artefacts. Everything
+an experiment varies comes from the config; this file has no experiment-specific branches.
+"""
+
+import json
+import pathlib
+import time
+import zlib
+from typing import Any
+
+from absl import logging
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from labeleff_jax import checkpoint as checkpoint_lib
+from labeleff_jax import config_checks
+from labeleff_jax import datasets
+from labeleff_jax import models
+from labeleff_jax import objectives
+from labeleff_jax import optim
+from labeleff_jax import plots
+from labeleff_jax import transfer
+from labeleff_jax import writers
+from labeleff_jax.data import pipeline
+
+P = jax.sharding.PartitionSpec
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised on the host when the training loss turns NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mesh.
+# ---------------------------------------------------------------------------------------------------------
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over `config.mesh.data` devices (-1: all), on whatever platform JAX found.
+
+  Auto axis types let XLA propagate shardings through the model, so batch-wide reductions (BatchNorm
+  statistics, the NT-Xent similarity matrix) need no sharding annotations in model code.
+  """
+  requested = config.get("mesh", {}).get("data", -1)
+  devices = jax.devices()
+  count = len(devices) if requested in (-1, None) else requested
+  if count > len(devices) or count < 1:
+    raise ValueError(f"config.mesh.data={requested} but {len(devices)} devices are available")
+  return jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices[:count])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Train state: (model, optimizer) split into a static graph, RNG streams and the saved arrays.
+# ---------------------------------------------------------------------------------------------------------
+def _split(bundle):
+  graphdef, rng_state, state = nnx.split(bundle, nnx.RngState, ...)
+  return graphdef, rng_state, state
+
+
+def _reseed_policy(path, key, shape):
+  """Per-module dropout keys: the step's key folded with a stable hash of the module path."""
+  salted = jax.random.fold_in(key, zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF)
+  return jax.random.split(salted, shape) if shape else salted
+
+
+def _reseed(model, seed: int, step):
+  """Re-derives every RNG stream from (seed, step), so a resumed run draws the same dropout masks."""
+  tags = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+  if tags:
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    nnx.reseed(model, policy=_reseed_policy, **{tag: key for tag in tags})
+
+
+def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainable):
+  """The jitted train and eval steps (pure functions of the state and a global batch)."""
+
+  def train_step(state, rng_state, batch, step):
+    bundle = nnx.merge(graphdef, rng_state, state)
+    model, optimizer = bundle["model"], bundle["optimizer"]
+    _reseed(model, seed, step)
+
+    def loss_fn(model):
+      outputs = objective_forward(objective, model, batch)
+      return objective.loss(model, outputs, batch)
+
+    # Gradients only of what the optimizer updates (a linear probe never differentiates its backbone).
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
+    (loss, aux), grads = grad_fn(model)
+    optimizer.update(model, grads)
+    _, _, new_state = _split(bundle)
+    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                    "learning_rate": jnp.asarray(schedule(step), jnp.float32), **aux}
+    return new_state, step_metrics
+
+  def eval_step(state, rng_state, batch):
+    model = nnx.merge(eval_graphdef, rng_state, state)["model"]
+    outputs = objective_forward(objective, model, batch)
+    loss, _ = objective.loss(model, outputs, batch)
+    count = jnp.sum(batch["valid"]).astype(jnp.float32)
+    return {"loss_sum": loss * count, "count": count}, objective.eval_stats(outputs, batch), \
+        objective.predictions(outputs)
+
+  return (jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step))
+
+
+def objective_forward(objective, model, batch):
+  forward = getattr(objective, "forward", None)
+  return forward(model, batch) if forward is not None else model(batch["inputs"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation over a whole split.
+# ---------------------------------------------------------------------------------------------------------
+def evaluate(eval_step, state, rng_state, batches, objective) -> tuple[dict, Any]:
+  """Accumulates exact whole-split metrics; returns (metrics, first batch with its predictions)."""
+  accumulators = objective.new_accumulators()
+  loss_sum, count, first = 0.0, 0.0, None
+  for batch in batches:
+    loss_stats, stats, predictions = eval_step(state, rng_state, batch)
+    loss_sum += float(loss_stats["loss_sum"])
+    count += float(loss_stats["count"])
+    for name, accumulator in accumulators.items():
+      accumulator.update(jax.tree.map(np.asarray, stats[name]))
+    if first is None:
+      first = (batch, predictions)
+  result = {"loss": loss_sum / max(count, 1.0), "num_examples": int(count)}
+  result.update(objective.summarize(accumulators))
+  return result, first
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The experiment.
+# ---------------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains, evaluates and writes every artefact of one run into `workdir`; returns the summary."""
+  start_time = time.time()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = make_mesh(config)
+  config_checks.check(config, num_data_devices=mesh.shape["data"])
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  synthetic_note = " (synthetic data)" if datasets.is_synthetic(config) else ""
+
+  # -- Input ----------------------------------------------------------------------------------------------
+  sources = datasets.open_splits(config)
+  objective = objectives.make_objective(config)
+  labels = config_checks.required_labels(config)
+  train_indices = datasets.train_indices(config, sources["train"])
+  config = datasets.attach_normalization(config, sources["train"], workdir)
+  train_iter = pipeline.make_train_iterator(config, sources["train"], mesh, labels=labels,
+                                            indices=train_indices)
+  batch_size = config.train.batch_size
+  steps_per_epoch = pipeline.steps_per_epoch(len(train_indices), batch_size)
+  total_steps = config.train.get("max_steps", None) or config.train.num_epochs * steps_per_epoch
+  logging.info("train examples %d (label fraction %s), %d steps/epoch, %d steps", len(train_indices),
+               config.data.label_fraction, steps_per_epoch, total_steps)
+
+  # -- Model and optimizer --------------------------------------------------------------------------------
+  model = models.create_model(config, rngs=nnx.Rngs(config.seed))
+  num_params = models.count_params(model)
+  transfer_report = transfer.maybe_initialize(model, config)
+  schedule = optim.make_schedule(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  tx = transfer.scale_backbone_updates(
+      optim.make_optimizer(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps), config)
+  trainable = transfer.trainable_filter(config)
+  # Built on the very model that was (maybe) loaded above, so loaded weights are the ones that train.
+  optimizer = nnx.Optimizer(model, tx, wrt=trainable)
+  bundle = {"model": model, "optimizer": optimizer}
+  model.eval()
+  eval_graphdef, _, _ = _split(bundle)
+  model.train()
+  transfer.freeze_for_probe(model, config)
+  graphdef, rng_state, state = _split(bundle)
+  del model, optimizer, bundle
+
+  # Parameters and optimizer state replicated on every device of the mesh; batches sharded on `data`.
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  state = jax.device_put(state, replicated)
+  rng_state = jax.device_put(rng_state, replicated)
+  train_step, eval_step = build_steps(graphdef, eval_graphdef, objective, schedule, config.seed,
+                                      trainable)
+
+  # -- Checkpoints: resume from the workdir when it holds one ---------------------------------------------
+  checkpointer = checkpoint_lib.RunCheckpointer(workdir)
+  start_step = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    pure, data_state, meta = checkpointer.restore(latest, checkpoint_lib.abstract_like(state.to_pure_dict()))
+    state.replace_by_pure_dict(pure)
+    train_iter.set_state(data_state)
+    start_step = int(meta["step"])
+    logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
+  writer = writers.MetricWriter(workdir, resume_step=start_step if latest is not None else None)
+
+  def save(step):
+    checkpointer.save(step, state.to_pure_dict(), train_iter.get_state(), {"step": step})
+
+  # -- Loop -----------------------------------------------------------------------------------------------
+  log_every = config.train.get("log_every_steps", 50)
+  eval_every_epochs = config.train.get("eval_every_epochs", 1)
+  checkpoint_every = config.train.get("checkpoint_every_steps", None) or steps_per_epoch
+  pending, train_images, train_seconds = [], 0, 0.0
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, mininterval=2.0,
+                       desc="train", dynamic_ncols=True)
+  step_start = time.time()
+  with jax.set_mesh(mesh):
+    for step in range(start_step, total_steps):
+      batch = next(train_iter)
+      state, step_metrics = train_step(state, rng_state, batch, jnp.asarray(step, jnp.int32))
+      pending.append(step_metrics)
+      done = step + 1
+      if done % log_every == 0 or done == total_steps:
+        fetched = jax.device_get(pending)
+        elapsed = time.time() - step_start
+        # The first interval of a (re)started run includes compilation: keep it out of images/s.
+        if step + 1 - len(pending) > start_step:
+          train_images += len(pending) * batch_size
+          train_seconds += elapsed
+        for offset, values in enumerate(fetched):
+          if not np.isfinite(values["loss"]):
+            raise NonFiniteLossError(
+                f"training loss became {values['loss']} at step {done - len(pending) + offset}: lower "
+                "optimizer.learning_rate, set optimizer.grad_clip_norm, or check the inputs for NaNs")
+        means = {key: float(np.mean([v[key] for v in fetched])) for key in fetched[0]}
+        means["images_per_second"] = len(pending) * batch_size / max(elapsed, 1e-9)
+        means["epoch"] = done / steps_per_epoch
+        writer.write(done, "train", means)
+        progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_second']:.1f}")
+        progress.update(len(pending))
+        pending = []
+        step_start = time.time()
+      if done % steps_per_epoch == 0 and (done // steps_per_epoch) % eval_every_epochs == 0 \
+          and done != total_steps:
+        result, _ = evaluate(eval_step, state, rng_state, pipeline.make_eval_batches(
+            config, sources["validation"], mesh, labels=labels), objective)
+        writer.write(done, "validation", {**result, "epoch": done / steps_per_epoch})
+        step_start = time.time()
+      if done % checkpoint_every == 0 and done != total_steps:
+        save(done)
+    progress.close()
+    if start_step < total_steps or latest is None:
+      save(total_steps)
+    checkpointer.wait()
+
+    # -- Final evaluation -----------------------------------------------------------------------------------
+    final, examples = {}, None
+    for split in ("validation", "test"):
+      result, first = evaluate(eval_step, state, rng_state, pipeline.make_eval_batches(
+          config, sources[split], mesh, labels=labels), objective)
+      final[split] = result
+      writer.write(total_steps, split, {**result, "epoch": total_steps / steps_per_epoch})
+      if split == "test":
+        examples = first
+  writer.close()
+  checkpointer.close()
+
+  # -- Artefacts ------------------------------------------------------------------------------------------
+  summary = {
+      "num_params": int(num_params),
+      "steps": int(total_steps),
+      "epochs": total_steps / steps_per_epoch,
+      "train_examples": len(train_indices),
+      "final": final,
+      "main_metric": objective.main_metric,
+      "wall_clock_seconds": time.time() - start_time,
+      "train_images_per_second": train_images / train_seconds if train_seconds else None,
+      "synthetic_data": bool(synthetic_note),
+      "transfer": transfer_report,
+  }
+  if is_main:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_dir = workdir / "plots"
+    plots.plot_curves(writers.read_metrics(workdir), plot_dir, title_suffix=synthetic_note)
+    if examples is not None and objective.tasks:
+      batch, predictions = examples
+      host = jax.tree.map(np.asarray, {"inputs": batch["inputs"], "labels": batch["labels"]})
+      plots.plot_examples(host, jax.tree.map(np.asarray, predictions), objective.tasks,
+                          plot_dir / "examples.png", title_suffix=synthetic_note)
+  return summary

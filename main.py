@@ -1,0 +1,44 @@
+"""Runs one experiment: `python main.py --config configs/NAME.py[:ARGS] --workdir DIR [--config.a.b=V]`.
+
+All logic lives in `labeleff_jax.train.train_and_evaluate`; this file only parses flags. Running it again
+on the same workdir resumes from the latest checkpoint.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and the summary.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host TPU/GPU slices; "
+                  "set automatically when JAX_COORDINATOR_ADDRESS is in the environment).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if flags.FLAGS.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+  from labeleff_jax import train  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join("workdirs", config.get("name", "run"))
+  logging.info("devices: %s", jax.devices())
+  summary = train.train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    final = summary["final"].get("test", {})
+    metric = summary["main_metric"]
+    print(f"\nworkdir: {os.path.abspath(workdir)}")
+    print(f"test {metric}: {final.get(metric)}  (test loss {final.get('loss'):.4f}, "
+          f"{summary['num_params']:,} parameters, {summary['wall_clock_seconds']:.0f} s"
+          f"{', synthetic data' if summary['synthetic_data'] else ''})")
+    print(f"plots: {os.path.abspath(os.path.join(workdir, 'plots'))}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required([])
+  app.run(main)
