@@ -1,0 +1,33 @@
+"""Encoders for vector modalities (season, climate zone, ERA-5): a small ReLU MLP, so they can join late fusion."""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from labeleff_jax.models import layers
+
+DEFAULT_MLP_FEATURES = (64, 64)
+
+
+class MLPEncoder(nnx.Module):
+  """[B, in_features] -> [B, features[-1]]: Linear -> ReLU for every entry of `features`.
+
+  The last layer keeps its ReLU so the output lives on the same (non-negative) scale as the image backbones'
+  post-ReLU feature maps it is concatenated with.
+  """
+
+  def __init__(self, in_features: int, features: Sequence[int] = DEFAULT_MLP_FEATURES, *,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    features = tuple(int(f) for f in features)
+    if not features or min(features) < 1:
+      raise ValueError(f"config.model.mlp_features must be a non-empty list of positive sizes, got {features}")
+    sizes = (in_features,) + features
+    self.layers = nnx.List([layers.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+    self.out_features = features[-1]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self.layers:
+      x = nnx.relu(layer(x))
+    return x

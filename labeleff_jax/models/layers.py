@@ -1,0 +1,117 @@
+"""Building blocks shared by the models: PyTorch-like layers and initialisers, dtypes, pooling, upsampling."""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from labeleff_jax.models.registry import COMPUTE_DTYPES, check_choice
+
+# PyTorch's default Conv2d/Linear init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in));
+# variance_scaling(1/3, fan_in, uniform) draws from exactly that range. Keeping torch's inits keeps the
+# reference's training recipes (SGD lr 1e-4 for 5 epochs) meaningful here.
+torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# torchvision's ResNet convs: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
+torch_resnet_kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_bias_init(fan_in: int):
+  """Bias init of torch's Conv2d/Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in of the kernel)."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def resolve_dtype(name: str) -> Any:
+  """Maps config.train.compute_dtype to a jnp dtype."""
+  check_choice(name, COMPUTE_DTYPES, "config.train.compute_dtype")
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+         use_bias: bool = True, kernel_init=torch_default_kernel_init, dtype=jnp.float32,
+         rngs: nnx.Rngs) -> nnx.Conv:
+  """A torch-style Conv2d (symmetric integer padding, torch default init) for NHWC inputs."""
+  fan_in = in_channels * kernel_size * kernel_size
+  return nnx.Conv(
+      in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+      kernel_init=kernel_init, bias_init=torch_default_bias_init(fan_in),
+      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """A torch-style nn.Linear (torch default init)."""
+  return nnx.Linear(
+      in_features, out_features, kernel_init=torch_default_kernel_init,
+      bias_init=torch_default_bias_init(in_features), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def batch_norm(num_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """BatchNorm2d with torch's defaults: torch momentum 0.1 is flax momentum 0.9, eps 1e-5.
+
+  Statistics are reduced in float32 and the running averages are stored in float32 whatever `dtype` is
+  (flax promotes the reductions); only the normalised output is in the compute dtype.
+  One difference to torch remains: the running variance is updated with the biased batch variance
+  (torch uses the unbiased one), a factor n/(n-1) with n = batch * height * width pixels.
+  """
+  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                       rngs=rngs)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """torch's MaxPool2d(2) on NHWC: non-overlapping 2x2 windows, odd trailing rows/columns dropped.
+
+  A reshape + max is used instead of reduce_window: its gradient is a cheap elementwise mask, where
+  reduce_window's (select_and_scatter) is slow on CPU.
+  """
+  batch, height, width, channels = x.shape
+  x = x[:, : height // 2 * 2, : width // 2 * 2, :]
+  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return x.max(axis=(2, 4))
+
+
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+  """torch's MaxPool2d(3, stride=2, padding=1) on NHWC (the ResNet stem); padding never wins the max."""
+  return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out_size, in_size] linear-interpolation weights of torch's align_corners=True resampling.
+
+  Output pixel i samples the input at i * (in_size - 1) / (out_size - 1), so the corner pixels of input and
+  output coincide. Built with numpy at trace time: the shapes are static.
+  """
+  weights = np.zeros((out_size, in_size), np.float32)
+  if out_size == 1 or in_size == 1:
+    weights[:, 0] = 1.0
+    return weights
+  scale = (in_size - 1) / (out_size - 1)
+  for i in range(out_size):
+    source = i * scale
+    low = min(int(math.floor(source)), in_size - 1)
+    frac = source - low
+    high = min(low + 1, in_size - 1)
+    weights[i, low] += 1.0 - frac
+    weights[i, high] += frac
+  return weights
+
+
+def upsample_bilinear_align_corners(x: jax.Array, scale: int = 2) -> jax.Array:
+  """torch's Upsample(scale_factor=scale, mode='bilinear', align_corners=True) on NHWC.
+
+  jax.image.resize samples at half-pixel centres (align_corners=False), which gives different values, so the
+  interpolation is written out: two small dense matrices, one per spatial axis, applied with einsum. XLA
+  lowers them to matmuls, with no gathers in the forward or the backward pass.
+  """
+  _, height, width, _ = x.shape
+  rows = jnp.asarray(align_corners_matrix(height, height * scale), x.dtype)
+  cols = jnp.asarray(align_corners_matrix(width, width * scale), x.dtype)
+  x = jnp.einsum("ih,bhwc->biwc", rows, x)
+  return jnp.einsum("jw,biwc->bijc", cols, x)

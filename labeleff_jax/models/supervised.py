@@ -1,0 +1,107 @@
+"""Supervised models: a fused backbone with any set of task heads, and fixed or learned (Kendall) loss weights."""
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from labeleff_jax.data import constants
+from labeleff_jax.models import layers
+from labeleff_jax.models.fusion import FusionTrunk
+from labeleff_jax.models.heads import build_task_head
+from labeleff_jax.models.registry import MODELS, TASK_WEIGHTINGS, check_choice
+
+# Kendall et al. 2018 derive 1/(2 sigma^2) for a Gaussian (regression) likelihood and 1/sigma^2 for a
+# softmax/Bernoulli one; with s = log sigma^2 both get the regulariser log sigma = s / 2.
+KENDALL_LOSS_SCALE = {"classification": 1.0, "multilabel": 1.0, "segmentation": 1.0, "regression": 0.5}
+
+
+def _get(section: Any, key: str, default: Any) -> Any:
+  """section.get(key) with `default` for a missing section, a missing key or None."""
+  if section is None:
+    return default
+  value = section.get(key, default)
+  return default if value is None else value
+
+
+class SupervisedModel(nnx.Module):
+  """inputs dict -> {task name: output}, all heads on one fused feature map.
+
+  Outputs (float32): classification and multilabel logits [B, n]; segmentation logits [B, H, W, n];
+  regression [B] (one output) or [B, n].
+  """
+
+  def __init__(self, trunk: FusionTrunk, tasks: Sequence[Any], *, task_weighting: str = "fixed",
+               default_dropout: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+    if not tasks:
+      raise ValueError("config.tasks is empty: a supervised model needs at least one task")
+    names = [task.get("name", None) for task in tasks]
+    if len(set(names)) != len(names):
+      raise ValueError(f"config.tasks has duplicate names: {names}")
+    check_choice(task_weighting, TASK_WEIGHTINGS, "config.model.task_weighting")
+    self.trunk = trunk
+    self.heads = nnx.Dict({
+        task.get("name", None) or f"task{index}": build_task_head(
+            task, index, in_channels=trunk.out_channels, feature_size=trunk.feature_size,
+            image_size=trunk.image_size, default_dropout=default_dropout, dtype=dtype, rngs=rngs)
+        for index, task in enumerate(tasks)})
+    self.task_names = tuple(names)
+    self.task_kinds = tuple(task["kind"] for task in tasks)
+    self.task_weights = tuple(float(_get(task, "weight", 1.0)) for task in tasks)
+    self.task_weighting = task_weighting
+    if task_weighting == "uncertainty":
+      # s_i = log sigma_i^2, starting at sigma = 1 (every task weighted 1, like the fixed default).
+      self.task_log_vars = nnx.Param(jnp.zeros((len(tasks),), jnp.float32))
+
+  def __call__(self, inputs: dict) -> dict:
+    features = self.trunk(inputs)
+    return {name: self.heads[name](features) for name in self.task_names}
+
+  def features(self, inputs: dict) -> jax.Array:
+    """Globally averaged backbone feature map [B, out_channels], float32 (for k-NN and linear probes)."""
+    return self.trunk(inputs).astype(jnp.float32).mean(axis=(1, 2))
+
+  def combine_losses(self, losses: dict) -> jax.Array:
+    """Total loss from per-task losses {task name: scalar}.
+
+    fixed: sum_i weight_i * L_i. uncertainty (Kendall et al. 2018): sum_i c_i * exp(-s_i) * L_i + s_i / 2,
+    with c_i = 1/2 for regression and 1 otherwise, s_i = task_log_vars[i] learned (task.weight unused).
+    """
+    missing = [name for name in self.task_names if name not in losses]
+    if missing:
+      raise KeyError(f"combine_losses: no loss for task(s) {missing}; got {sorted(losses)}")
+    total = jnp.zeros((), jnp.float32)
+    for index, (name, kind, weight) in enumerate(zip(self.task_names, self.task_kinds, self.task_weights)):
+      loss = jnp.asarray(losses[name], jnp.float32)
+      if self.task_weighting == "uncertainty":
+        log_var = self.task_log_vars[index]
+        total = total + KENDALL_LOSS_SCALE[kind] * jnp.exp(-log_var) * loss + 0.5 * log_var
+      else:
+        total = total + weight * loss
+    return total
+
+
+def model_dtype(config: Any):
+  return layers.resolve_dtype(_get(config.get("train", None), "compute_dtype", "float32"))
+
+
+def _build_supervised(config: Any, *, rngs: nnx.Rngs) -> SupervisedModel:
+  model_cfg, data_cfg = config.get("model", None), config.get("data", None)
+  if data_cfg is None or data_cfg.get("modalities", None) is None:
+    raise ValueError("config.data.modalities is missing")
+  dtype = model_dtype(config)
+  trunk = FusionTrunk(
+      data_cfg["modalities"], fusion=_get(model_cfg, "fusion", "early"), backbone=model_cfg["name"],
+      width=int(_get(model_cfg, "width", 64)), image_size=int(_get(data_cfg, "image_size", constants.PATCH_SIZE)),
+      shared_backbone=bool(_get(model_cfg, "shared_backbone", False)),
+      mlp_features=tuple(_get(model_cfg, "mlp_features", (64, 64))), dtype=dtype, rngs=rngs)
+  tasks = config.get("tasks", None)
+  if not tasks:
+    raise ValueError("config.tasks is missing or empty")
+  return SupervisedModel(trunk, list(tasks), task_weighting=_get(model_cfg, "task_weighting", "fixed"),
+                         default_dropout=_get(model_cfg, "dropout", None), dtype=dtype, rngs=rngs)
+
+
+for _name in ("unet", "resnet18", "resnet50"):
+  MODELS.register(_name)(_build_supervised)
