@@ -9,7 +9,6 @@ interrupted extraction never looks finished.
 
 import os
 import pathlib
-import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -31,16 +30,6 @@ def _normalised_parts(name: str) -> list[str]:
 def _is_absolute(name: str) -> bool:
   # A Windows drive ("C:") or UNC prefix is as absolute as a leading slash once extracted on that system.
   return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":")
-
-
-def _resolves_inside(parts: list[str]) -> bool:
-  """True if a path of these components, taken from the target root, never steps above it."""
-  depth = 0
-  for part in parts:
-    depth += -1 if part == ".." else 1
-    if depth < 0:
-      return False
-  return True
 
 
 def check_members(members: list[tarfile.TarInfo], archive_name: str) -> None:
@@ -78,17 +67,23 @@ def check_members(members: list[tarfile.TarInfo], archive_name: str) -> None:
     if member.issym() or member.islnk():
       kind = "symbolic link" if member.issym() else "hard link"
       target = member.linkname
-      if not target or _is_absolute(target):
+      if not target:
+        refuse(member, f"{kind} without a target")
+      if _is_absolute(target):
         refuse(member, f"{kind} to the absolute path {target!r}")
-      # A symlink resolves relative to its own folder, a hard link relative to the archive root.
-      base = parts[:-1] if member.issym() else []
-      target_parts = base + _normalised_parts(target)
-      if not _resolves_inside(target_parts):
-        refuse(member, f"{kind} to {target!r} points outside the extraction folder")
-      resolved = posixpath.normpath("/".join(target_parts)) if target_parts else "."
-      resolved_parts = _normalised_parts(resolved)
-      for depth in range(1, len(resolved_parts) + (1 if member.islnk() else 0)):
-        if "/".join(resolved_parts[:depth]) in link_names:
+      # A symlink resolves relative to its own folder, a hard link relative to the archive root. Walk the
+      # target one component at a time so that neither '..' nor an intermediate link can escape.
+      current = parts[:-1] if member.issym() else []
+      target_parts = _normalised_parts(target)
+      for step, part in enumerate(target_parts):
+        if part == "..":
+          if not current:
+            refuse(member, f"{kind} to {target!r} points outside the extraction folder")
+          current.pop()
+        else:
+          current.append(part)
+        is_last = step == len(target_parts) - 1
+        if (not is_last or member.islnk()) and "/".join(current) in link_names:
           refuse(member, f"{kind} to {target!r} passes through another link")
       continue
     if not (member.isfile() or member.isdir()):
