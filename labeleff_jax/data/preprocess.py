@@ -9,6 +9,7 @@ makes the one float32 copy each image needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -58,12 +59,6 @@ def _class_index(value, num_classes: int, key: str) -> int:
   if not 0 <= index < num_classes:
     raise ValueError(f"Feature '{key}' holds class {index}, outside 0..{num_classes - 1}.")
   return index
-
-
-def _one_hot(index: int, num_classes: int) -> np.ndarray:
-  vector = np.zeros(num_classes, np.float32)
-  vector[index] = 1.0
-  return vector
 
 
 def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
@@ -118,52 +113,73 @@ def prepare_stats(stats: Mapping | None) -> dict | None:
   return prepared
 
 
-def _standardize(raw: np.ndarray, entry: Mapping) -> np.ndarray:
-  out = np.subtract(raw, entry["mean"], dtype=np.float32)
-  out *= entry["inv_std"]
-  return out
+def _destination(out: Mapping | None, name: str, shape: tuple) -> np.ndarray:
+  """Where modality `name` is written: a fresh array, or the caller's (e.g. a row of a batch buffer)."""
+  if out is None:
+    return np.empty(shape, np.float32)
+  target = out[name]
+  if target.shape != tuple(shape):
+    raise ValueError(f"Output buffer for '{name}' has shape {target.shape}, the example gives {tuple(shape)}.")
+  return target
 
 
-def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None = None) -> dict:
+def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None = None,
+              out: Mapping | None = None) -> dict:
   """Returns the float32 input arrays of `modalities` for one raw example.
 
   Without `stats` (or for a modality missing from it) the reference's fixed scaling applies: s2
   clip(x / 1e4, 0, 1), s1 (clip(x, -25, 0) + 25) / 25, dem x / 1000, era5 (x - offset) / scale. A modality
   in `stats` (see `compute_normalization_stats`) is standardised per band instead. lulc becomes a one-hot
   [H, W, 11] (all zeros where no data), climatezone a one-hot [12], season a [1] vector of season_s2.
+
+  With `out` (a dict of float32 arrays of the right shapes), results are written there and `out` returned:
+  the pipeline passes rows of its batch buffers, so each image is converted once, straight into the batch.
   """
   if stats is not None and not all("inv_std" in entry for entry in stats.values()):
     stats = prepare_stats(stats)
   stats = stats or {}
   inputs = {}
   for name in modalities:
+    if name in ("season", "climatezone"):
+      raw = None
+    else:
+      raw = np.asarray(_feature(example, name))
     if name in stats:
-      inputs[name] = _standardize(np.asarray(_feature(example, name)), stats[name])
+      target = _destination(out, name, raw.shape)
+      np.subtract(raw, stats[name]["mean"], out=target, dtype=np.float32)
+      target *= stats[name]["inv_std"]
     elif name == "s2":
-      # One fused pass from uint16: multiply straight into a float32 result, clip in place.
-      out = np.multiply(_feature(example, "s2"), np.float32(1.0 / constants.S2_SCALE), dtype=np.float32)
-      inputs[name] = np.clip(out, 0.0, 1.0, out=out)
+      # One fused pass from uint16 into float32, then an in-place clip: no temporary copies.
+      target = _destination(out, name, raw.shape)
+      np.multiply(raw, np.float32(1.0 / constants.S2_SCALE), out=target, dtype=np.float32)
+      np.clip(target, 0.0, 1.0, out=target)
     elif name == "s1":
-      out = np.clip(_feature(example, "s1"), _S1_LOW, _S1_HIGH).astype(np.float32, copy=False)
-      out -= np.float32(_S1_LOW)
-      out *= np.float32(1.0 / _S1_RANGE)
-      inputs[name] = out
+      target = _destination(out, name, raw.shape)
+      np.clip(raw, _S1_LOW, _S1_HIGH, out=target, dtype=np.float32)
+      target -= np.float32(_S1_LOW)
+      target *= np.float32(1.0 / _S1_RANGE)
     elif name == "dem":
-      inputs[name] = np.multiply(_feature(example, "dem"), np.float32(1.0 / constants.DEM_SCALE_M),
-                                 dtype=np.float32)
+      target = _destination(out, name, raw.shape)
+      np.multiply(raw, np.float32(1.0 / constants.DEM_SCALE_M), out=target, dtype=np.float32)
     elif name == "era5":
-      out = np.subtract(_feature(example, "era5"), constants.ERA5_OFFSET, dtype=np.float32)
-      out /= constants.ERA5_SCALE
-      inputs[name] = out
+      target = _destination(out, name, raw.shape)
+      np.subtract(raw, constants.ERA5_OFFSET, out=target, dtype=np.float32)
+      target /= constants.ERA5_SCALE
     elif name == "lulc":
-      inputs[name] = _LULC_ONE_HOT[np.asarray(_feature(example, "lulc"), np.uint8)]
+      target = _destination(out, name, raw.shape + (constants.NUM_LULC_CLASSES,))
+      # mode='clip' skips the buffered bounds check; uint8 codes always index the 256-row table.
+      np.take(_LULC_ONE_HOT, raw.astype(np.uint8, copy=False), axis=0, out=target, mode="clip")
     elif name == "season":
-      inputs[name] = np.asarray(_feature(example, "season_s2"), np.float32).reshape(1)
+      target = _destination(out, name, (1,))
+      target[0] = np.float32(_feature(example, "season_s2"))
     elif name == "climatezone":
       zone = _class_index(_feature(example, "climatezone"), constants.NUM_CLIMATE_ZONES, "climatezone")
-      inputs[name] = _one_hot(zone, constants.NUM_CLIMATE_ZONES)
+      target = _destination(out, name, (constants.NUM_CLIMATE_ZONES,))
+      target[...] = 0.0
+      target[zone] = 1.0
     else:
       raise ValueError(f"Unknown modality '{name}'; known: {sorted(constants.MODALITIES)}.")
+    inputs[name] = target
   return inputs
 
 
@@ -277,11 +293,19 @@ def apply_dihedral(rasters: Mapping, flip: bool, rotations: int) -> dict:
 
   Together the two cover the eight symmetries of the square, all physically valid for nadir imagery.
   """
+  rotations %= 4
   out = {}
   for name, array in rasters.items():
     if flip:
       array = array[:, ::-1]
-    out[name] = np.rot90(array, rotations % 4, axes=(0, 1))
+    # Counter-clockwise quarter turns as strided views, as np.rot90 does, minus its per-call overhead.
+    if rotations == 1:
+      array = array.swapaxes(0, 1)[::-1]
+    elif rotations == 2:
+      array = array[::-1, ::-1]
+    elif rotations == 3:
+      array = array[::-1].swapaxes(0, 1)
+    out[name] = array
   return out
 
 
@@ -350,11 +374,13 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
   return out
 
 
-def spectral_augment(inputs: Mapping, rng: np.random.Generator, options: SpectralAugment) -> dict:
+def spectral_augment(inputs: Mapping, rng: np.random.Generator, options: SpectralAugment, *,
+                     in_place: bool = False) -> dict:
   """Applies brightness, contrast, noise and blur to the image modalities in `inputs` (s2, s1, dem).
 
   Other entries (one-hot land cover, vectors) pass through unchanged. Each modality and band draws its own
-  strengths; the draw order is fixed, so the result is a pure function of the generator's state.
+  strengths; the draw order is fixed, so the result is a pure function of the generator's state. With
+  `in_place` the float32 arrays of `inputs` are modified (the pipeline does this on its own batch rows).
   """
   out = dict(inputs)
   if not options.active:
@@ -362,7 +388,12 @@ def spectral_augment(inputs: Mapping, rng: np.random.Generator, options: Spectra
   for name in SPECTRAL_MODALITIES:
     if name not in inputs:
       continue
-    image = np.array(inputs[name], np.float32)  # own copy: never write into a caller's array
+    if in_place:
+      image = inputs[name]
+      if image.dtype != np.float32:
+        raise ValueError(f"In-place spectral augmentation needs float32 '{name}', got {image.dtype}.")
+    else:
+      image = np.array(inputs[name], np.float32)  # own copy: never write into a caller's array
     bands = image.shape[-1]
     shift = rng.uniform(-options.brightness, options.brightness, bands).astype(np.float32)
     factor = rng.uniform(1.0 - options.contrast, 1.0 + options.contrast, bands).astype(np.float32)
@@ -376,7 +407,7 @@ def spectral_augment(inputs: Mapping, rng: np.random.Generator, options: Spectra
     if options.brightness > 0:
       image += shift
     if blur:
-      image = gaussian_blur(image, sigma)
+      image[...] = gaussian_blur(image, sigma)
     if options.noise_std > 0:
       noise = rng.standard_normal(image.shape, dtype=np.float32)
       noise *= np.float32(options.noise_std)
@@ -421,11 +452,22 @@ class ExampleTransform:
   spectral: SpectralAugment = SpectralAugment()
   multilabel_threshold: float = 0.05
 
-  def view(self, example: Mapping, rng: np.random.Generator | None, with_labels: bool = True) -> dict:
-    """Returns {'inputs': ..., 'labels': ...} for one augmented view of `example`."""
+  @functools.cached_property
+  def raster_features(self) -> tuple[str, ...]:
+    """The rasters this transform reads: only these are cropped and turned."""
+    used = set(self.modalities) | ({"lulc"} if "lulc" in self.labels else set())
+    return tuple(name for name in RASTER_FEATURES if name in used)
+
+  def view(self, example: Mapping, rng: np.random.Generator | None, with_labels: bool = True,
+           out: Mapping | None = None) -> dict:
+    """Returns {'inputs': ..., 'labels': ...} for one augmented view of `example`.
+
+    With `out` (same structure, arrays of the right shapes: a row of the batch buffers) the view is written
+    there instead of into fresh arrays.
+    """
     if self.train and rng is None:
       raise ValueError("A training transform needs a random generator.")
-    rasters = rasters_of(example)
+    rasters = {name: _feature(example, name) for name in self.raster_features}
     if rasters and self.image_size is not None:
       height, width = spatial_size(rasters)
       if self.image_size != height or self.image_size != width:
@@ -437,10 +479,15 @@ class ExampleTransform:
     if self.train and (self.flip or self.rot90):
       rasters = random_dihedral(rasters, rng, flip=self.flip, rot90=self.rot90)
     transformed = {**example, **rasters}
-    inputs = normalize(transformed, self.modalities, self.stats)
+    inputs = normalize(transformed, self.modalities, self.stats, out=None if out is None else out["inputs"])
     if self.train and self.spectral.active:
-      inputs = spectral_augment(inputs, rng, self.spectral)
-    out = {"inputs": inputs}
+      inputs = spectral_augment(inputs, rng, self.spectral, in_place=True)
+    result = {"inputs": inputs}
     if with_labels:
-      out["labels"] = make_labels(transformed, self.labels, self.multilabel_threshold)
-    return out
+      labels = make_labels(transformed, self.labels, self.multilabel_threshold)
+      if out is not None:
+        for name, value in labels.items():
+          out["labels"][name][...] = value
+        labels = out["labels"]
+      result["labels"] = labels
+    return result

@@ -1,0 +1,561 @@
+"""The input pipeline: a ben-ge split (tfds.data_source) -> grain -> global jax.Array batches on the mesh.
+
+Design, in short:
+- Every batch is a pure function of (seed, step): the step picks the epoch and the slice of that epoch's
+  permutation, and each example's augmentation draws from a generator seeded by (seed, epoch, example
+  index, view). Resuming from a saved step, changing the number of worker threads or the number of hosts
+  therefore never changes what the model sees.
+- grain does the parallel part: a `MapDataset` of step -> host batch, read ahead by a thread pool
+  (`data.num_workers` threads, `data.prefetch` batches). Threads suit this work: decoding and the numpy
+  arithmetic release the GIL, and processes would copy every 350 KiB example between them.
+- Each process builds only its own rows of the global batch and hands them to
+  `jax.make_array_from_process_local_data`, which yields one global array sharded over the mesh's `data`
+  axis.
+- Training drops the incomplete last batch of every epoch and reshuffles per epoch; evaluation visits every
+  example exactly once in a fixed order and pads the last batch with rows marked `valid=False`, `index=-1`.
+
+The batch format is fixed in docs/architecture.md ("Batches").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from labeleff_jax.data import constants, label_fraction, preprocess
+from labeleff_jax.data.preprocess import compute_normalization_stats  # noqa: F401  (public re-export)
+
+DATA_AXIS = "data"
+BUILDER_NAME = "ben_ge"
+NORMALIZATIONS = ("reference", "standardize")
+AUGMENT_KEYS = ("flip", "rot90", "brightness", "contrast", "noise_std", "blur_prob")
+SUBSETS = ("labelled", "unlabelled", "all")
+SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+
+# Tags keep the random streams of shuffling and augmentation apart although both derive from config.seed.
+_SHUFFLE_TAG = 0x5F1E
+_AUGMENT_TAG = 0xA06E
+# The training stream is "infinite": grain only needs a length, and no run takes 2**62 steps.
+_MAX_STEPS = 2**62
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Opening a prepared split.
+# ---------------------------------------------------------------------------------------------------------
+def _data_dir(config) -> str:
+  data_dir = config.data.get("data_dir", None)
+  if not data_dir:
+    data_dir = os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+  return os.path.expanduser(str(data_dir))
+
+
+def _version_key(name: str) -> tuple:
+  try:
+    return tuple(int(part) for part in name.split("."))
+  except ValueError:
+    return ()
+
+
+def prepared_dataset_dir(config) -> str:
+  """Directory of the newest prepared version of `data.name` under `data.data_dir`; raises if absent."""
+  name = config.data.get("name", None)
+  if not name:
+    raise ValueError("data.name is not set (e.g. 'ben-ge-800').")
+  data_dir = _data_dir(config)
+  dataset_root = os.path.join(data_dir, BUILDER_NAME, name)
+  versions = []
+  if os.path.isdir(dataset_root):
+    for entry in os.listdir(dataset_root):
+      if _version_key(entry) and os.path.isfile(os.path.join(dataset_root, entry, "dataset_info.json")):
+        versions.append(entry)
+  if not versions:
+    manual_dir = config.data.get("manual_dir", None) or "PATH_TO_RAW_BEN_GE"
+    raise FileNotFoundError(
+        f"No prepared dataset '{name}' under {dataset_root} (data.data_dir={data_dir}, data.name={name}). "
+        f"Prepare it with:\n  python -m data_builders.ben_ge.build --manual_dir {manual_dir} "
+        f"--data_dir {data_dir} --config {name}")
+  return os.path.join(dataset_root, max(versions, key=_version_key))
+
+
+def open_split(config, split: str):
+  """A random-access data source (len, [i] -> raw example dict) over one split of the prepared dataset."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy, only needed here)
+
+  split = SPLIT_ALIASES.get(split, split)
+  builder = tfds.builder_from_directory(prepared_dataset_dir(config))
+  if split not in builder.info.splits:
+    raise ValueError(f"Split '{split}' not in the prepared dataset; it has {sorted(builder.info.splits)}.")
+  return builder.as_data_source(split=split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config -> pieces.
+# ---------------------------------------------------------------------------------------------------------
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches in one epoch: training drops the incomplete remainder."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  return num_examples // batch_size
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+  """Batches of one complete evaluation pass (the last one padded)."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  return -(-num_examples // batch_size)
+
+
+def train_batch_size(config) -> int:
+  return _positive_int(config.train.batch_size, "train.batch_size")
+
+
+def eval_batch_size(config) -> int:
+  eval_config = config.get("eval", None)
+  batch_size = eval_config.get("batch_size", None) if eval_config is not None else None
+  if batch_size is None:
+    return train_batch_size(config)
+  return _positive_int(batch_size, "eval.batch_size")
+
+
+def _positive_int(value, key: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+  return int(value)
+
+
+def _normalization(config) -> str:
+  normalization = config.data.get("normalization", "reference")
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"data.normalization must be one of {NORMALIZATIONS}, got '{normalization}'.")
+  return normalization
+
+
+def _num_views(config) -> int:
+  num_views = config.data.get("num_views", 1)
+  if num_views not in (1, 2):
+    raise ValueError(f"data.num_views must be 1 or 2, got {num_views!r}.")
+  return int(num_views)
+
+
+def _augment_options(config) -> tuple[bool, bool, preprocess.SpectralAugment]:
+  augment = config.data.get("augment", None)
+  augment = {} if augment is None else dict(augment)
+  unknown = sorted(set(augment) - set(AUGMENT_KEYS))
+  if unknown:
+    raise ValueError(f"data.augment: unknown option(s) {unknown}; known: {list(AUGMENT_KEYS)}.")
+  for key in ("flip", "rot90"):
+    if not isinstance(augment.get(key, True), bool):
+      raise ValueError(f"data.augment.{key} must be a boolean, got {augment[key]!r}.")
+  spectral = preprocess.SpectralAugment(
+      brightness=augment.get("brightness", 0.0), contrast=augment.get("contrast", 0.0),
+      noise_std=augment.get("noise_std", 0.0), blur_prob=augment.get("blur_prob", 0.0))
+  return augment.get("flip", True), augment.get("rot90", True), spectral
+
+
+def _image_size(config) -> int | None:
+  image_size = config.data.get("image_size", None)
+  if image_size is None:
+    return None
+  return _positive_int(image_size, "data.image_size")
+
+
+def make_transform(config, *, labels: Sequence[str], train: bool,
+                   stats: Mapping | None = None) -> preprocess.ExampleTransform:
+  """The per-example transform a config asks for (augmentation only when `train`)."""
+  flip, rot90, spectral = _augment_options(config)
+  threshold = float(config.data.get("multilabel_threshold", 0.05))
+  if not 0.0 <= threshold < 1.0:
+    raise ValueError(f"data.multilabel_threshold must be in [0, 1), got {threshold}.")
+  return preprocess.ExampleTransform(
+      modalities=preprocess.check_modalities(config.data.modalities),
+      labels=preprocess.check_labels(labels),
+      stats=preprocess.prepare_stats(stats),
+      image_size=_image_size(config),
+      train=train, flip=flip and train, rot90=rot90 and train,
+      spectral=spectral if train else preprocess.SpectralAugment(),
+      multilabel_threshold=threshold)
+
+
+def _read_options(config) -> grain.ReadOptions:
+  num_workers = config.data.get("num_workers", 2)
+  prefetch = config.data.get("prefetch", 2)
+  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}.")
+  if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+    raise ValueError(f"data.prefetch must be an integer >= 0, got {prefetch!r}.")
+  if num_workers == 0:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # synchronous, in the caller's thread
+  return grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=max(prefetch, num_workers))
+
+
+def _label_fraction_seed(config) -> int:
+  seed = config.data.get("label_fraction_seed", 0)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"data.label_fraction_seed must be an integer, got {seed!r}.")
+  return int(seed) % 2**63
+
+
+def _seed(config) -> int:
+  seed = config.get("seed", 0)
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer, got {seed!r}.")
+  return int(seed) % 2**63
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which examples train: label fractions and normalisation statistics.
+# ---------------------------------------------------------------------------------------------------------
+def read_field(source, key: str) -> np.ndarray:
+  """The integer feature `key` (a class label) of every example of `source` ([N] int64), in index order."""
+  values = np.empty(len(source), np.int64)
+  for index in range(len(source)):
+    example = source[index]
+    if key not in example:
+      raise KeyError(f"data.stratify_by='{key}' is not a feature of the examples ({sorted(example)}).")
+    values[index] = int(np.asarray(example[key]))
+  return values
+
+
+def select_indices(config, source, subset: str = "labelled") -> np.ndarray:
+  """Sorted source indices of the `labelled` subset (per data.label_fraction), its complement, or `all`.
+
+  The labelled subset is class-stratified by `data.stratify_by` (default 'climatezone') and nested across
+  fractions for a fixed `data.label_fraction_seed` (default 0; kept apart from `seed`, so runs with
+  different training seeds share one labelled subset). With label_fraction 1 no labels need to be read.
+  """
+  if subset not in SUBSETS:
+    raise ValueError(f"subset must be one of {SUBSETS}, got '{subset}'.")
+  fraction = config.data.get("label_fraction", 1.0)
+  num_examples = len(source)
+  if subset == "all" or (fraction == 1.0 and subset == "labelled"):
+    label_fraction._check(np.zeros(0, np.int64), fraction)  # still reject a bad fraction  pylint: disable=protected-access
+    return np.arange(num_examples, dtype=np.int64)
+  class_labels = read_field(source, config.data.get("stratify_by", "climatezone"))
+  seed = _label_fraction_seed(config)
+  if subset == "labelled":
+    return label_fraction.label_fraction_indices(class_labels, fraction, seed)
+  return label_fraction.unlabelled_indices(class_labels, fraction, seed)
+
+
+def normalization_stats(config, source) -> dict | None:
+  """Statistics for data.normalization: None for 'reference', per-band mean/std of `source` otherwise.
+
+  Pass the training split: evaluation reuses the training statistics. The result is JSON-serialisable so
+  the engine can keep it in the workdir; `data.normalization_max_examples` (default 1000) bounds the cost.
+  """
+  if _normalization(config) == "reference":
+    return None
+  max_examples = config.data.get("normalization_max_examples", 1000)
+  return preprocess.compute_normalization_stats(source, config.data.modalities, max_examples=max_examples)
+
+
+def _stats_for(config, stats, *, may_compute_from=None):
+  """The statistics to standardise with: the argument, else data.normalization_stats, else computed."""
+  normalization = _normalization(config)
+  if normalization == "reference":
+    if stats is not None:
+      raise ValueError("Normalisation stats were given but data.normalization='reference'; drop them or "
+                       "set data.normalization='standardize'.")
+    return None
+  if stats is None:
+    stats = config.data.get("normalization_stats", None)
+  if stats is None:
+    if may_compute_from is None:
+      raise ValueError("data.normalization='standardize' needs the training split's statistics: pass "
+                       "stats=train_iterator.stats or set data.normalization_stats "
+                       "(from normalization_stats(config, train_source)).")
+    stats = normalization_stats(config, may_compute_from)
+  if hasattr(stats, "to_dict"):
+    stats = stats.to_dict()
+  return stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Placing host rows on the mesh.
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How one global batch is split: this process builds rows [row_start, row_stop)."""
+  global_batch_size: int
+  row_start: int
+  row_stop: int
+  sharding: NamedSharding
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.row_stop - self.row_start
+
+  def to_global(self, host_batch):
+    """Turns this process's numpy rows into global jax.Arrays sharded over the data axis."""
+    def place(rows):
+      global_shape = (self.global_batch_size,) + rows.shape[1:]
+      return jax.make_array_from_process_local_data(self.sharding, rows, global_shape)
+    return jax.tree.map(place, host_batch)
+
+
+def batch_layout(mesh: jax.sharding.Mesh, global_batch_size: int, key: str) -> BatchLayout:
+  """Checks `global_batch_size` against the mesh and finds this process's rows of it."""
+  if DATA_AXIS not in mesh.shape:
+    raise ValueError(f"The mesh has no '{DATA_AXIS}' axis (axes: {tuple(mesh.shape)}); batches are sharded "
+                     f"over '{DATA_AXIS}'.")
+  data_devices = mesh.shape[DATA_AXIS]
+  if global_batch_size % data_devices:
+    raise ValueError(f"{key}={global_batch_size} is not divisible by the {data_devices} devices of the "
+                     f"mesh's '{DATA_AXIS}' axis.")
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  # The rows this process must supply are the union of its devices' shards; ask the sharding rather than
+  # assume processes own equal consecutive blocks in process order.
+  shards = sharding.addressable_devices_indices_map((global_batch_size,)).values()
+  starts = sorted({shard[0].indices(global_batch_size)[0] for shard in shards})
+  stops = sorted({shard[0].indices(global_batch_size)[1] for shard in shards})
+  row_start, row_stop = starts[0], stops[-1]
+  covered = sum(stop - start for start, stop in zip(starts, stops))
+  if covered != row_stop - row_start:
+    raise ValueError("This process's devices hold non-contiguous rows of the batch; order the mesh's "
+                     f"'{DATA_AXIS}' axis by process.")
+  return BatchLayout(global_batch_size, row_start, row_stop, sharding)
+
+
+def _probe(transform: preprocess.ExampleTransform, source, index: int, num_views: int = 1) -> dict:
+  """One transformed row, made up front: it fixes the batch buffers' shapes, and a missing feature or an
+  image_size that does not fit the stored rasters fails here, with its message, not in a worker thread."""
+  row = transform.view(source[index], np.random.default_rng(0))
+  if num_views == 2:
+    row["inputs2"] = row["inputs"]
+  return row
+
+
+def _allocate(template: Mapping, count: int) -> dict:
+  # Rows are transformed straight into these buffers: stacking per-example arrays instead cost a second
+  # full copy of every image (4x slower batch assembly for 120x120x12 float32 in a measurement).
+  return jax.tree.map(lambda leaf: np.empty((count,) + leaf.shape, leaf.dtype), template)
+
+
+def _row(buffers: Mapping, row: int) -> dict:
+  return jax.tree.map(lambda buffer: buffer[row, ...], buffers)  # [row, ...] keeps 0-d rows writable views
+
+
+def _augment_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:
+  return np.random.default_rng([_AUGMENT_TAG, seed, epoch, index, view])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------------------
+class TrainIterator(grain.DatasetIterator):
+  """Endless training batches: reshuffled every epoch, incomplete last batch dropped, resumable.
+
+  `next(it)` returns the batch dict of docs/architecture.md as global jax.Arrays. `get_state()` is a small
+  JSON dict; `set_state` makes the iterator continue with exactly the batch that followed the saved state.
+  Being a grain DatasetIterator, it also checkpoints through orbax with `grain.checkpoint.CheckpointSave`.
+  """
+
+  def __init__(self, source, indices: np.ndarray, transform: preprocess.ExampleTransform,
+               layout: BatchLayout, *, seed: int, num_views: int, read_options: grain.ReadOptions,
+               stats: dict | None = None):
+    super().__init__()
+    self._template = _probe(transform, source, int(indices[0]), num_views)
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    self._transform = transform
+    self._layout = layout
+    self._seed = seed
+    self._num_views = num_views
+    self.stats = stats
+    self.steps_per_epoch = steps_per_epoch(len(self._indices), layout.global_batch_size)
+    self._epoch_order = functools.lru_cache(maxsize=4)(self._compute_epoch_order)
+    # Worker threads also place batches on the devices, so the transfer overlaps the training step.
+    global_batches = grain.MapDataset.range(_MAX_STEPS).map(self._global_batch)
+    self._batches = iter(global_batches.to_iter_dataset(read_options))
+    self._step = 0
+
+  @property
+  def num_examples(self) -> int:
+    return len(self._indices)
+
+  @property
+  def indices(self) -> np.ndarray:
+    return self._indices.copy()
+
+  @property
+  def global_batch_size(self) -> int:
+    return self._layout.global_batch_size
+
+  @property
+  def step(self) -> int:
+    """Batches returned so far (the step of the next batch)."""
+    return self._step
+
+  @property
+  def epoch(self) -> int:
+    """Epoch of the next batch (= completed epochs)."""
+    return self._step // self.steps_per_epoch
+
+  def _compute_epoch_order(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([_SHUFFLE_TAG, self._seed, epoch])
+    return self._indices[rng.permutation(len(self._indices))]
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """Source indices in the order epoch `epoch` visits them (the tail that fills no batch is skipped)."""
+    return self._epoch_order(epoch).copy()
+
+  def host_batch(self, step: int) -> dict:
+    """This process's rows of batch `step` as numpy arrays (a pure function of seed and step)."""
+    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+    first = step_in_epoch * self._layout.global_batch_size
+    ids = self._epoch_order(epoch)[first + self._layout.row_start: first + self._layout.row_stop]
+    batch = _allocate(self._template, len(ids))
+    for row, index in enumerate(ids):
+      example = self._source[int(index)]
+      target = _row(batch, row)
+      self._transform.view(example, _augment_rng(self._seed, epoch, int(index), 0), out=target)
+      if self._num_views == 2:
+        self._transform.view(example, _augment_rng(self._seed, epoch, int(index), 1), with_labels=False,
+                             out={"inputs": target["inputs2"]})
+    batch["valid"] = np.ones(len(ids), bool)
+    batch["index"] = ids.astype(np.int32)
+    return batch
+
+  def _global_batch(self, step: int) -> dict:
+    return self._layout.to_global(self.host_batch(step))
+
+  def __next__(self) -> dict:
+    batch = next(self._batches)
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self._step, "epoch": self.epoch, "seed": self._seed,
+            "num_examples": self.num_examples, "global_batch_size": self.global_batch_size}
+
+  def set_state(self, state: Mapping) -> None:
+    expected = {"seed": self._seed, "num_examples": self.num_examples,
+                "global_batch_size": self.global_batch_size}
+    for key, value in expected.items():
+      if key in state and state[key] != value:
+        raise ValueError(f"Iterator state was saved with {key}={state[key]}, but this iterator has "
+                         f"{key}={value}: resuming would not reproduce the same batches.")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+      raise ValueError(f"Iterator state 'step' must be an integer >= 0, got {step!r}.")
+    self._batches.set_state({"next_index": int(step)})
+    self._step = int(step)
+
+  def close(self) -> None:
+    batches = getattr(self, "_batches", None)  # absent when __init__ failed; grain's __del__ still closes
+    if batches is not None:
+      batches.close()
+    super().close()
+
+
+def make_train_iterator(config, source, mesh: jax.sharding.Mesh, *, labels: Sequence[str],
+                        indices: Sequence[int] | None = None, stats: Mapping | None = None) -> TrainIterator:
+  """Endless, reshuffled, augmented training batches of `source` as global arrays on `mesh`.
+
+  Args:
+    config: reads data.* (modalities, image_size, augment, num_views, normalization, label_fraction,
+      stratify_by, multilabel_threshold, num_workers, prefetch), train.batch_size (global) and seed.
+    source: random-access training split (`open_split(config, 'train')` or any len/getitem of dicts).
+    mesh: the device mesh; batches are sharded over its 'data' axis.
+    labels: label names the tasks need (see preprocess.LABELS); may be empty for self-supervision.
+    indices: the source indices to train on. None means the labelled subset of data.label_fraction
+      (`select_indices(config, source, 'labelled')`); pass `select_indices(config, source, 'all')` for
+      self-supervised pretraining on every image.
+    stats: normalisation statistics for data.normalization='standardize'; when None, taken from
+      data.normalization_stats, else computed from `source` (either way available as `iterator.stats`).
+  """
+  if indices is None:
+    indices = select_indices(config, source, "labelled")
+  indices = np.asarray(indices, np.int64)
+  if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= len(source))):
+    raise ValueError(f"indices must be a list of source indices in 0..{len(source) - 1}.")
+  global_batch = train_batch_size(config)
+  if global_batch > len(indices):
+    raise ValueError(f"train.batch_size={global_batch} exceeds the {len(indices)} training examples "
+                     f"(data.label_fraction={config.data.get('label_fraction', 1.0)}): no full batch exists.")
+  layout = batch_layout(mesh, global_batch, "train.batch_size")
+  stats = _stats_for(config, stats, may_compute_from=source)
+  transform = make_transform(config, labels=labels, train=True, stats=stats)
+  return TrainIterator(source, indices, transform, layout, seed=_seed(config),
+                       num_views=_num_views(config), read_options=_read_options(config), stats=stats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------------------
+class EvalBatches:
+  """One complete pass over a split in index order; the last batch is padded with valid=False rows.
+
+  An iterator (`next`) with a known length, so a progress bar or a metric accumulator can size itself.
+  """
+
+  def __init__(self, source, transform: preprocess.ExampleTransform, layout: BatchLayout,
+               read_options: grain.ReadOptions):
+    self._source = source
+    self._transform = transform
+    self._layout = layout
+    self.num_examples = len(source)
+    self.num_batches = num_eval_batches(self.num_examples, layout.global_batch_size)
+    self._template = _probe(transform, source, 0)
+    global_batches = grain.MapDataset.range(self.num_batches).map(self._global_batch)
+    self._batches = iter(global_batches.to_iter_dataset(read_options))
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._batches)
+
+  def host_batch(self, batch_index: int) -> dict:
+    """This process's rows of evaluation batch `batch_index` as numpy arrays."""
+    first = batch_index * self._layout.global_batch_size
+    positions = np.arange(first + self._layout.row_start, first + self._layout.row_stop)
+    batch = _allocate(self._template, len(positions))
+    for row, position in enumerate(positions):
+      target = _row(batch, row)
+      if position < self.num_examples:
+        self._transform.view(self._source[int(position)], None, out=target)
+      else:
+        # Padding rows hold zeros (and the ignore value in the mask): the model runs on them, and `valid`
+        # keeps them out of every metric.
+        for buffer in jax.tree.leaves(target):
+          buffer[...] = 0
+        if "lulc" in target["labels"]:
+          target["labels"]["lulc"][...] = constants.LULC_IGNORE
+    valid = positions < self.num_examples
+    batch["valid"] = valid
+    batch["index"] = np.where(valid, positions, -1).astype(np.int32)
+    return batch
+
+  def _global_batch(self, batch_index: int) -> dict:
+    return self._layout.to_global(self.host_batch(batch_index))
+
+  def close(self) -> None:
+    self._batches.close()
+
+
+def make_eval_batches(config, source, mesh: jax.sharding.Mesh, *, labels: Sequence[str],
+                      stats: Mapping | None = None) -> EvalBatches:
+  """One pass over `source`: fixed order, no augmentation (centre crop if data.image_size is smaller),
+  every example exactly once, the last batch padded to eval.batch_size (fallback train.batch_size).
+
+  With data.normalization='standardize', the training split's statistics come from `stats`
+  (train_iterator.stats) or data.normalization_stats.
+  """
+  if len(source) == 0:
+    raise ValueError("make_eval_batches: the split has no examples.")
+  layout = batch_layout(mesh, eval_batch_size(config), "eval.batch_size")
+  stats = _stats_for(config, stats)
+  transform = make_transform(config, labels=labels, train=False, stats=stats)
+  return EvalBatches(source, transform, layout, _read_options(config))
+

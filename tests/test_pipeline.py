@@ -1,0 +1,339 @@
+"""Tests of the grain input pipeline: shuffling, determinism, resume, complete evaluation, sharding."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from labeleff_jax.data import constants, label_fraction, pipeline, preprocess
+
+SIZE = 16  # stored raster side of the in-memory examples
+
+
+class InMemoryBenGe:
+  """Deterministic raw examples with the features of the prepared dataset, at a small image size."""
+
+  def __init__(self, num_examples, size=SIZE, seed=0):
+    self.num_examples, self.size, self.seed = num_examples, size, seed
+    self.reads = 0
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, index):
+    if not 0 <= index < self.num_examples:
+      raise IndexError(index)
+    self.reads += 1
+    rng = np.random.default_rng([self.seed, index])
+    size = self.size
+    fractions = rng.random(11).astype(np.float32)
+    fractions /= fractions.sum()
+    # s2 band 0 encodes the example index and pixel position, so a batch row can be traced back.
+    position = np.arange(size * size).reshape(size, size)
+    s2 = rng.integers(0, 12000, (size, size, 12)).astype(np.uint16)
+    s2[..., 0] = position + 1000 * (index % 9)
+    return {
+        "s2": s2, "s1": rng.uniform(-30, 5, (size, size, 2)).astype(np.float32),
+        "dem": rng.uniform(0, 2500, (size, size, 1)).astype(np.float32),
+        "lulc": (position % 11).astype(np.uint8), "lulc_fractions": fractions,
+        "lulc_top": int(fractions.argmax()), "climatezone": int(index % 3 if index % 4 else 7),
+        "season_s2": np.float32(index / max(self.num_examples, 1)), "season_s1": np.float32(0.5),
+        "era5": rng.normal(size=9).astype(np.float32), "geocluster": index % 20,
+        "lon": np.float32(8.0), "lat": np.float32(47.0), "patch_id": f"patch_{index}".encode(),
+    }
+
+
+def make_config(**data):
+  config = ml_collections.ConfigDict()
+  config.seed = 3
+  config.data = ml_collections.ConfigDict(dict(modalities=["s2", "lulc", "season"], label_fraction=1.0,
+                                               num_workers=0))
+  config.data.update(data)
+  config.train = ml_collections.ConfigDict(dict(batch_size=8))
+  config.eval = ml_collections.ConfigDict(dict(batch_size=8))
+  return config
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.make_mesh((8,), ("data",))
+
+
+def to_numpy(batch):
+  return jax.tree.map(np.asarray, batch)
+
+
+def take(iterator, count):
+  return [to_numpy(next(iterator)) for _ in range(count)]
+
+
+def assert_batches_equal(first, second):
+  for a, b in zip(first, second, strict=True):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_batch_matches_the_documented_format_and_is_sharded(mesh):
+  config = make_config(modalities=["s2", "s1", "dem", "lulc", "season", "climatezone", "era5"])
+  iterator = pipeline.make_train_iterator(config, InMemoryBenGe(20), mesh,
+                                          labels=list(preprocess.LABELS))
+  batch = next(iterator)
+  channels = constants.MODALITIES
+  for name in ("s2", "s1", "dem", "lulc"):
+    assert batch["inputs"][name].shape == (8, SIZE, SIZE, channels[name])
+  for name in ("season", "climatezone", "era5"):
+    assert batch["inputs"][name].shape == (8, channels[name])
+  for value in jax.tree.leaves(batch["inputs"]):
+    assert value.dtype == np.float32
+  expected_labels = {"climatezone": ((8,), np.int32), "lulc_top": ((8,), np.int32),
+                     "lulc_multihot": ((8, 11), np.float32), "lulc": ((8, SIZE, SIZE), np.int32),
+                     "season": ((8,), np.float32), "geocluster": ((8,), np.int32)}
+  assert {k: (v.shape, v.dtype) for k, v in batch["labels"].items()} == expected_labels
+  assert batch["valid"].dtype == bool and batch["index"].dtype == np.int32
+  assert "inputs2" not in batch
+  for leaf in jax.tree.leaves(batch):
+    assert isinstance(leaf, jax.Array)
+    assert leaf.sharding.spec == PartitionSpec("data")
+    assert len(leaf.addressable_shards) == 8
+    assert all(shard.data.shape[0] == 1 for shard in leaf.addressable_shards)
+
+
+def test_labels_and_vectors_come_from_the_indexed_example(mesh):
+  source = InMemoryBenGe(20)
+  iterator = pipeline.make_train_iterator(make_config(), source, mesh, labels=["climatezone", "season"])
+  batch = to_numpy(next(iterator))
+  for row, index in enumerate(batch["index"]):
+    example = source[int(index)]
+    assert batch["labels"]["climatezone"][row] == example["climatezone"]
+    np.testing.assert_allclose(batch["inputs"]["season"][row], [example["season_s2"]])
+    # The band that encodes the index survives augmentation as a set of values.
+    restored = np.rint(batch["inputs"]["s2"][row, ..., 0] * 1e4).astype(np.int64)
+    np.testing.assert_array_equal(np.sort(restored.ravel()), np.sort(example["s2"][..., 0].ravel()))
+
+
+def test_each_epoch_is_a_fresh_permutation_without_the_remainder(mesh):
+  source = InMemoryBenGe(21)  # 2 full batches of 8 per epoch, 5 examples dropped each epoch
+  iterator = pipeline.make_train_iterator(make_config(), source, mesh, labels=[])
+  assert iterator.steps_per_epoch == 2 == pipeline.steps_per_epoch(21, 8)
+  epochs = []
+  for epoch in range(3):
+    assert iterator.epoch == epoch
+    seen = np.concatenate([b["index"] for b in take(iterator, 2)])
+    assert len(set(seen)) == 16 and set(seen) <= set(range(21))
+    np.testing.assert_array_equal(seen, iterator.epoch_order(epoch)[:16])
+    np.testing.assert_array_equal(np.sort(iterator.epoch_order(epoch)), np.arange(21))
+    epochs.append(seen)
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+
+
+def test_same_seed_same_batches_and_other_seed_other_batches(mesh):
+  def run(seed, workers):
+    config = make_config(num_workers=workers)
+    config.seed = seed
+    return take(pipeline.make_train_iterator(config, InMemoryBenGe(24), mesh, labels=["lulc"]), 4)
+  reference = run(3, 0)
+  assert_batches_equal(reference, run(3, 0))
+  assert_batches_equal(reference, run(3, 2))  # worker threads never change the data
+  other = run(4, 0)
+  assert not np.array_equal(reference[0]["index"], other[0]["index"])
+
+
+def test_augmentation_is_joint_and_differs_between_epochs(mesh):
+  source = InMemoryBenGe(8)  # one batch per epoch: the same examples every epoch
+  iterator = pipeline.make_train_iterator(make_config(), source, mesh, labels=["lulc"])
+  first, second = take(iterator, 2)
+  assert set(first["index"]) == set(second["index"]) == set(range(8))
+  changed = 0
+  for batch in (first, second):
+    for row, index in enumerate(batch["index"]):
+      position = np.rint(batch["inputs"]["s2"][row, ..., 0] * 1e4).astype(np.int64) - 1000 * (index % 9)
+      np.testing.assert_array_equal(batch["labels"]["lulc"][row], position % 11)
+      np.testing.assert_array_equal(batch["inputs"]["lulc"][row].argmax(-1), position % 11)
+  for index in range(8):
+    a = first["inputs"]["s2"][list(first["index"]).index(index)]
+    b = second["inputs"]["s2"][list(second["index"]).index(index)]
+    changed += not np.array_equal(a, b)
+  assert changed >= 4  # P(same symmetry) = 1/8 per example
+
+
+def test_crop_to_image_size_random_for_training_centred_for_eval(mesh):
+  config = make_config(image_size=8)
+  source = InMemoryBenGe(16)
+  batch = to_numpy(next(pipeline.make_train_iterator(config, source, mesh, labels=["lulc"])))
+  assert batch["inputs"]["s2"].shape == (8, 8, 8, 12) and batch["labels"]["lulc"].shape == (8, 8, 8)
+  evaluation = to_numpy(next(pipeline.make_eval_batches(config, source, mesh, labels=["lulc"])))
+  expected = preprocess.normalize({"s2": source[0]["s2"][4:12, 4:12]}, ["s2"])["s2"]
+  np.testing.assert_allclose(evaluation["inputs"]["s2"][0], expected)
+  np.testing.assert_array_equal(evaluation["labels"]["lulc"][0], source[0]["lulc"][4:12, 4:12])
+
+
+@pytest.mark.parametrize("num_examples,batch_size", [(21, 8), (16, 8), (5, 16), (3, 8)])
+def test_evaluation_visits_every_example_exactly_once(mesh, num_examples, batch_size):
+  config = make_config()
+  config.eval.batch_size = batch_size
+  source = InMemoryBenGe(num_examples)
+  batches = pipeline.make_eval_batches(config, source, mesh, labels=["climatezone", "lulc"])
+  assert len(batches) == -(-num_examples // batch_size)
+  collected = [to_numpy(batch) for batch in batches]
+  assert len(collected) == len(batches)
+  index = np.concatenate([b["index"] for b in collected])
+  valid = np.concatenate([b["valid"] for b in collected])
+  assert all(b["index"].shape == (batch_size,) for b in collected)
+  np.testing.assert_array_equal(index[valid], np.arange(num_examples))  # fixed order, each once
+  assert np.all(index[~valid] == -1) and valid.sum() == num_examples
+  s2 = np.concatenate([b["inputs"]["s2"] for b in collected])
+  lulc = np.concatenate([b["labels"]["lulc"] for b in collected])
+  assert np.all(s2[~valid] == 0) and np.all(lulc[~valid] == constants.LULC_IGNORE)
+  for position in range(num_examples):  # no augmentation: rows equal the plain transform
+    np.testing.assert_allclose(s2[position], preprocess.normalize(source[position], ["s2"])["s2"])
+
+
+def test_eval_batch_size_falls_back_to_the_training_batch_size(mesh):
+  config = make_config()
+  del config.eval
+  batches = pipeline.make_eval_batches(config, InMemoryBenGe(20), mesh, labels=[])
+  assert len(batches) == 3 and next(batches)["index"].shape == (8,)
+
+
+def test_resume_from_saved_state_continues_with_the_same_batches(mesh):
+  config = make_config(num_workers=2, augment=ml_collections.ConfigDict(dict(brightness=0.1)))
+  source = InMemoryBenGe(20)  # 2 steps per epoch: the run below crosses epoch boundaries
+  uninterrupted = take(pipeline.make_train_iterator(config, source, mesh, labels=["lulc"]), 7)
+  interrupted = pipeline.make_train_iterator(config, source, mesh, labels=["lulc"])
+  assert_batches_equal(uninterrupted[:3], take(interrupted, 3))
+  state = json.loads(json.dumps(interrupted.get_state()))  # survives a trip through JSON
+  assert state["step"] == 3 and state["epoch"] == 1
+  resumed = pipeline.make_train_iterator(config, source, mesh, labels=["lulc"])
+  resumed.set_state(state)
+  assert resumed.step == 3 and resumed.epoch == 1
+  assert_batches_equal(uninterrupted[3:], take(resumed, 4))
+  # Rewinding a used iterator works too (its prefetched batches are discarded).
+  interrupted.set_state({"step": 1})
+  assert_batches_equal(uninterrupted[1:3], take(interrupted, 2))
+
+
+def test_state_from_another_setup_is_refused(mesh):
+  iterator = pipeline.make_train_iterator(make_config(), InMemoryBenGe(20), mesh, labels=[])
+  state = iterator.get_state()
+  other = pipeline.make_train_iterator(make_config(), InMemoryBenGe(24), mesh, labels=[])
+  with pytest.raises(ValueError, match="num_examples"):
+    other.set_state(state)
+
+
+def test_orbax_checkpoints_the_iterator_through_grain(mesh, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+  config = make_config()
+  iterator = pipeline.make_train_iterator(config, InMemoryBenGe(20), mesh, labels=[])
+  take(iterator, 3)
+  uninterrupted = pipeline.make_train_iterator(config, InMemoryBenGe(20), mesh, labels=[])
+  expected = take(uninterrupted, 4)[3]
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    restored = pipeline.make_train_iterator(config, InMemoryBenGe(20), mesh, labels=[])
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  assert restored.step == 3
+  jax.tree.map(np.testing.assert_array_equal, to_numpy(next(restored)), expected)
+
+
+def test_two_views_share_examples_but_not_augmentations(mesh):
+  config = make_config(num_views=2, modalities=["s2", "s1"])
+  batch = to_numpy(next(pipeline.make_train_iterator(config, InMemoryBenGe(16), mesh, labels=["lulc"])))
+  assert sorted(batch["inputs2"]) == ["s1", "s2"]
+  differ = 0
+  for row in range(8):
+    first, second = batch["inputs"]["s2"][row], batch["inputs2"]["s2"][row]
+    # Only flips and rotations are on: view two must be a symmetry of view one, jointly for s2 and s1.
+    symmetries = [k for k in range(8) if np.array_equal(_dihedral(first, k), second)]
+    assert symmetries
+    assert any(np.array_equal(_dihedral(batch["inputs"]["s1"][row], k), batch["inputs2"]["s1"][row])
+               for k in symmetries)
+    differ += not np.array_equal(first, second)
+  assert differ >= 4
+
+
+def _dihedral(image, k):
+  image = image if k < 4 else image[:, ::-1]
+  return np.rot90(image, k % 4, axes=(0, 1))
+
+
+def test_label_fraction_selects_the_nested_stratified_subset(mesh):
+  source = InMemoryBenGe(40)
+  config = make_config(label_fraction=0.25, label_fraction_seed=5)
+  iterator = pipeline.make_train_iterator(config, source, mesh, labels=["climatezone"])
+  zones = np.array([source[i]["climatezone"] for i in range(40)])
+  np.testing.assert_array_equal(iterator.indices, label_fraction.label_fraction_indices(zones, 0.25, 5))
+  np.testing.assert_array_equal(pipeline.read_field(source, "climatezone"), zones)
+  unlabelled = pipeline.select_indices(config, source, "unlabelled")
+  assert set(unlabelled) == set(range(40)) - set(iterator.indices)
+  seen = np.concatenate([b["index"] for b in take(iterator, iterator.steps_per_epoch)])
+  assert set(seen) <= set(iterator.indices)
+  everything = pipeline.make_train_iterator(config, source, mesh, labels=[],
+                                            indices=pipeline.select_indices(config, source, "all"))
+  assert everything.num_examples == 40
+
+
+def test_standardisation_from_training_statistics(mesh):
+  source = InMemoryBenGe(16)
+  config = make_config(normalization="standardize", modalities=["s1", "dem"],
+                       augment=ml_collections.ConfigDict(dict(flip=False, rot90=False)))
+  iterator = pipeline.make_train_iterator(config, source, mesh, labels=[])
+  json.dumps(iterator.stats)
+  batch = to_numpy(next(iterator))
+  values = np.stack([source[i]["dem"] for i in range(16)]).astype(np.float64)
+  np.testing.assert_allclose(iterator.stats["dem"]["mean"], [values.mean()], rtol=1e-9)
+  row = int(np.flatnonzero(batch["index"] == batch["index"][0])[0])
+  expected = (source[int(batch["index"][row])]["dem"] - values.mean()) / values.std()
+  np.testing.assert_allclose(batch["inputs"]["dem"][row], expected, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="training split"):
+    pipeline.make_eval_batches(config, source, mesh, labels=[])
+  config.data.normalization_stats = iterator.stats  # how the engine hands them to evaluation
+  evaluation = to_numpy(next(pipeline.make_eval_batches(config, source, mesh, labels=[])))
+  np.testing.assert_allclose(evaluation["inputs"]["dem"][0],
+                             (source[0]["dem"] - values.mean()) / values.std(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_axis_mesh_with_a_second_axis(mesh):
+  auto = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  config = make_config()
+  config.train.batch_size = 4
+  batch = next(pipeline.make_train_iterator(config, InMemoryBenGe(12), auto, labels=[]))
+  assert batch["inputs"]["s2"].shape == (4, SIZE, SIZE, 12)
+  assert batch["inputs"]["s2"].sharding.spec == PartitionSpec("data")
+  assert {shard.data.shape[0] for shard in batch["inputs"]["s2"].addressable_shards} == {1}
+
+
+def test_configuration_errors_name_the_key(mesh):
+  source = InMemoryBenGe(12)
+  config = make_config()
+  config.train.batch_size = 12
+  with pytest.raises(ValueError, match="train.batch_size=12 is not divisible by the 8 devices"):
+    pipeline.make_train_iterator(config, source, mesh, labels=[])
+  config.train.batch_size = 16
+  with pytest.raises(ValueError, match="train.batch_size=16 exceeds the 12 training examples"):
+    pipeline.make_train_iterator(config, source, mesh, labels=[])
+  config.train.batch_size = 8
+  config.eval.batch_size = 6
+  with pytest.raises(ValueError, match="eval.batch_size"):
+    pipeline.make_eval_batches(config, source, mesh, labels=[])
+  with pytest.raises(ValueError, match="'data' axis"):
+    pipeline.make_train_iterator(config, source, jax.make_mesh((8,), ("batch",)), labels=[])
+  for key, value, message in [("modalities", ["s2", "rgb"], "'rgb'"), ("num_views", 3, "num_views"),
+                              ("normalization", "minmax", "normalization"),
+                              ("augment", ml_collections.ConfigDict(dict(flips=True)), "flips"),
+                              ("image_size", 32, "image_size=32"), ("label_fraction", 0.0, "label_fraction")]:
+    bad = make_config(**{key: value})
+    with pytest.raises(ValueError, match=message):
+      pipeline.make_train_iterator(bad, source, mesh, labels=[])
+
+
+def test_missing_prepared_dataset_names_the_path_and_the_build_command(tmp_path):
+  config = make_config(name="ben-ge-800", data_dir=str(tmp_path / "tfds"), manual_dir="/raw")
+  with pytest.raises(FileNotFoundError) as error:
+    pipeline.open_split(config, "train")
+  message = str(error.value)
+  assert str(tmp_path / "tfds" / "ben_ge" / "ben-ge-800") in message
+  assert "python -m data_builders.ben_ge.build --manual_dir /raw" in message
