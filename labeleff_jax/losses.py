@@ -159,7 +159,15 @@ def mae(pred: jax.Array, target: jax.Array, mask: Any = None) -> jax.Array:
 # work without it, but taking the same path everywhere keeps one code path tested.
 # ---------------------------------------------------------------------------------------------------------
 
-INSIDE_SHARD_MAP = "inside_shard_map"  # the axis is already manual: call collectives directly
+
+class _InsideShardMap:
+  """Marker returned by batch_mesh when the axis is already manual: call collectives directly."""
+
+  def __repr__(self):
+    return "INSIDE_SHARD_MAP"
+
+
+INSIDE_SHARD_MAP = _InsideShardMap()
 
 
 def batch_mesh(array: jax.Array, mesh: Any = None, axis_name: str = DATA_AXIS) -> Any:
@@ -204,7 +212,7 @@ def map_over_batch_shards(per_shard_fn: Callable, mesh: Any, axis_name: str, bat
   """
   if mesh is None:
     return per_shard_fn(*batch_args, *replicated_args, None)
-  if mesh == INSIDE_SHARD_MAP:
+  if mesh is INSIDE_SHARD_MAP:
     return per_shard_fn(*batch_args, *replicated_args, axis_name)
   if axis_name in mesh.explicit_axes:
     # shard_map wants Explicit-axis inputs already laid out as in_specs says; this is a no-op for a batch
