@@ -20,19 +20,20 @@ DATA_AXIS = "data"  # the mesh axis the batch is sharded over (docs/architecture
 
 
 def valid_mask(mask: Any, shape: tuple[int, ...], what: str = "mask") -> jax.Array:
-  """Broadcasts a boolean mask over the leading axes of `shape` (None means everything is valid).
+  """Broadcasts a boolean mask, aligned on the leading axes, to `shape` (None means all valid).
 
-  The mask's shape must be a prefix of `shape`: a per-example mask [B] applies to every pixel of a
-  [B, H, W] target and to every label of a [B, L] multi-hot target. Non-zero entries count as valid.
+  Axes are matched from the left (unlike numpy's broadcasting): a per-example mask [B] applies to every
+  pixel of a [B, H, W] target and to every label of a [B, L] multi-hot target. Each mask axis must equal
+  the target's or be 1, so [B], [B, 1] and [B, H, W] all work. Non-zero entries count as valid.
   """
   shape = tuple(shape)
   if mask is None:
     return jnp.ones(shape, dtype=bool)
   mask = jnp.asarray(mask)
-  if mask.ndim > len(shape) or tuple(mask.shape) != shape[:mask.ndim]:
+  if mask.ndim > len(shape) or any(m not in (n, 1) for m, n in zip(mask.shape, shape)):
     raise ValueError(
-        f"{what} of shape {tuple(mask.shape)} does not cover the leading axes of shape {shape}; "
-        "expected a prefix such as [B] or the full shape.")
+        f"{what} of shape {tuple(mask.shape)} does not match the leading axes of shape {shape}; "
+        "expected e.g. [B], [B, 1, ...] or the full shape.")
   if mask.dtype != jnp.bool_:
     mask = mask != 0
   mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))

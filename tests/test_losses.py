@@ -162,6 +162,17 @@ def test_mse_and_mae_match_numpy_with_mask():
   np.testing.assert_allclose(float(total), np.abs(pred - target)[mask].sum(), rtol=1e-5)
 
 
+def test_mask_is_aligned_on_leading_axes_in_any_of_its_forms():
+  rng = np.random.default_rng(15)
+  logits = rng.normal(size=(4, 3, 3, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, size=(4, 3, 3))
+  rows = np.array([True, False, True, True])
+  expected = -np.take_along_axis(_numpy_log_softmax(logits[rows]), labels[rows][..., None], -1).mean()
+  loss = jax.jit(losses.softmax_cross_entropy)
+  for mask in (rows, rows[:, None, None], np.broadcast_to(rows[:, None, None], labels.shape), rows * 1.0):
+    np.testing.assert_allclose(float(loss(logits, labels, mask)), expected, rtol=1e-5)
+
+
 def test_bad_shapes_raise_clear_errors():
   with pytest.raises(ValueError, match="same shape"):
     losses.mse(np.zeros((4, 1)), np.zeros(4))
