@@ -337,3 +337,36 @@ def test_missing_prepared_dataset_names_the_path_and_the_build_command(tmp_path)
   message = str(error.value)
   assert str(tmp_path / "tfds" / "ben_ge" / "ben-ge-800") in message
   assert "python -m data_builders.ben_ge.build --manual_dir /raw" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Integration: a tiny prepared TFDS dataset, read through tfds.data_source.
+# ---------------------------------------------------------------------------------------------------------
+def test_prepared_synthetic_dataset_flows_through_the_pipeline(mesh, tmp_path):
+  from data_builders.ben_ge import ben_ge, synthetic
+  synthetic.write_dataset(tmp_path / "manual", "ben-ge-800", 16, seed=1)
+  ben_ge.prepare(tmp_path / "manual", tmp_path / "tfds", "ben-ge-800")
+  config = make_config(name="ben-ge-800", data_dir=str(tmp_path / "tfds"), image_size=32,
+                       modalities=["s2", "s1", "dem", "lulc", "era5", "season", "climatezone"])
+  train = pipeline.open_split(config, "train")
+  validation = pipeline.open_split(config, "val")
+  assert len(train) >= 8 and len(validation) >= 1
+  labels = ["climatezone", "lulc_top", "lulc_multihot", "lulc"]
+  batch = to_numpy(next(pipeline.make_train_iterator(config, train, mesh, labels=labels)))
+  assert batch["inputs"]["s2"].shape == (8, 32, 32, 12) and batch["labels"]["lulc"].shape == (8, 32, 32)
+  for value in jax.tree.leaves(batch["inputs"]):
+    assert np.all(np.isfinite(value))
+  assert 0.0 <= batch["inputs"]["s2"].min() and batch["inputs"]["s2"].max() <= 1.0
+  for row, index in enumerate(batch["index"]):
+    example = train[int(index)]
+    assert batch["labels"]["climatezone"][row] == example["climatezone"]
+    assert batch["labels"]["lulc_top"][row] == example["lulc_top"]
+    ignored = batch["labels"]["lulc"][row] == constants.LULC_IGNORE
+    assert np.all(batch["inputs"]["lulc"][row][ignored] == 0)
+    np.testing.assert_array_equal(batch["inputs"]["lulc"][row][~ignored].argmax(-1),
+                                  batch["labels"]["lulc"][row][~ignored])
+  evaluation = [to_numpy(b) for b in pipeline.make_eval_batches(config, validation, mesh, labels=labels)]
+  index = np.concatenate([b["index"] for b in evaluation])
+  np.testing.assert_array_equal(index[index >= 0], np.arange(len(validation)))
+  first = validation[0]
+  np.testing.assert_array_equal(evaluation[0]["labels"]["lulc"][0], first["lulc"][44:76, 44:76])

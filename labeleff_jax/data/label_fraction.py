@@ -16,7 +16,17 @@ import numpy as np
 _STREAM_TAG = 0x1ABE1
 
 
+def check_fraction(fraction: float) -> float:
+  """Returns `fraction` as a float, or raises naming data.label_fraction unless 0 < fraction <= 1."""
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
+    raise TypeError(f"data.label_fraction must be a number, got {fraction!r}.")
+  if not 0.0 < float(fraction) <= 1.0:
+    raise ValueError(f"data.label_fraction must satisfy 0 < f <= 1, got {fraction}.")
+  return float(fraction)
+
+
 def _check(class_labels: np.ndarray, fraction: float) -> np.ndarray:
+  check_fraction(fraction)
   class_labels = np.asarray(class_labels)
   if class_labels.ndim != 1:
     raise ValueError(f"class_labels must be one label per example ([N]), got shape {class_labels.shape}.")
@@ -24,10 +34,6 @@ def _check(class_labels: np.ndarray, fraction: float) -> np.ndarray:
     raise ValueError(f"class_labels must be integers, got dtype {class_labels.dtype}.")
   if class_labels.size and class_labels.min() < 0:
     raise ValueError(f"class_labels must be >= 0, found {class_labels.min()}.")
-  if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, np.integer)):
-    raise TypeError(f"data.label_fraction must be a number, got {fraction!r}.")
-  if not 0.0 < float(fraction) <= 1.0:
-    raise ValueError(f"data.label_fraction must satisfy 0 < f <= 1, got {fraction}.")
   return class_labels
 
 

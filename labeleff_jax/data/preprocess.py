@@ -67,7 +67,7 @@ def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
     raise TypeError(f"data.modalities must be a list of names, got the string '{modalities}'.")
   modalities = tuple(modalities)
   if not modalities:
-    raise ValueError("data.modalities is empty: name at least one of " f"{sorted(constants.MODALITIES)}.")
+    raise ValueError(f"data.modalities is empty: name at least one of {sorted(constants.MODALITIES)}.")
   for name in modalities:
     if name not in constants.MODALITIES:
       raise ValueError(f"data.modalities: unknown modality '{name}'; known: {sorted(constants.MODALITIES)}.")
