@@ -26,8 +26,9 @@ from labeleff_jax import losses
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def _is_checkable(x: jax.Array) -> bool:
+  """True for a concrete array whose values this process can read (not a tracer, not multi-host)."""
+  return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def _histogram_shard(flat_index, weight, length, axis_name):
@@ -57,7 +58,7 @@ def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, mask
   for name, array in (("labels", labels), ("preds", preds)):
     if not jnp.issubdtype(array.dtype, jnp.integer):
       raise TypeError(f"{name} must be integer class indices, got dtype {array.dtype}.")
-  if _is_concrete(preds) and preds.size and (int(jnp.min(preds)) < 0 or int(jnp.max(preds)) >= num_classes):
+  if _is_checkable(preds) and preds.size and (int(jnp.min(preds)) < 0 or int(jnp.max(preds)) >= num_classes):
     raise ValueError(f"preds must lie in 0..{num_classes - 1}, got values in "
                      f"{int(jnp.min(preds))}..{int(jnp.max(preds))}.")
   labels = labels.astype(jnp.int32)
