@@ -410,20 +410,21 @@ def class_spectra(climate_code: int, season: float, rng: np.random.Generator) ->
   return spectra
 
 
-# S1 backscatter means in dB: (VH, VV).
+# S1 backscatter means in dB: (VH, VV). Volume scatterers (forest, shrubs) have a high cross-pol ratio,
+# smooth surfaces (bare soil) a low one, flooded vegetation a very bright VV from double bounce.
 S1_MEAN_DB = np.array([
-    (-14.0, -7.5),    # tree cover
-    (-16.5, -9.5),    # shrubland
-    (-19.0, -11.5),   # grassland
-    (-19.5, -12.0),   # cropland (VV rises with crop growth, below)
-    (-10.0, -3.5),    # built-up
-    (-20.0, -12.5),   # bare / sparse vegetation
-    (-23.5, -18.0),   # snow and ice
-    (-25.0, -19.0),   # water (wind roughening, below)
-    (-16.5, -6.0),    # herbaceous wetland: double bounce off flooded vegetation
-    (-11.5, -5.0),    # mangroves
-    (-19.5, -12.0),   # moss and lichen
-])
+    (-13.5, -7.5),    # tree cover
+    (-16.0, -9.5),    # shrubland
+    (-19.0, -11.0),   # grassland
+    (-19.5, -11.5),   # cropland (VV rises with crop growth, below)
+    (-11.0, -3.5),    # built-up
+    (-22.5, -12.0),   # bare / sparse vegetation
+    (-24.0, -17.5),   # snow and ice
+    (-26.0, -19.5),   # water (wind roughening, below)
+    (-17.5, -6.0),    # herbaceous wetland
+    (-11.0, -6.0),    # mangroves
+    (-20.0, -12.0),   # moss and lichen
+], np.float32)
 S1_LOOKS = 4.4
 
 
@@ -471,69 +472,70 @@ def generate_rasters(meta: PatchMeta, seed: int) -> dict:
   mix[present] = rng.dirichlet(np.maximum(alpha, 1e-3)) + 1e-9
   if meta.water_patch:
     mix[WATER] = max(mix[WATER], 0.85)
-  fields = np.full((constants.NUM_LULC_CLASSES, PATCH, PATCH), -np.inf)
   noise = smooth_fields(rng, len(present))
   terrain_preference = np.zeros(constants.NUM_LULC_CLASSES)
   terrain_preference[[WATER, WETLAND, SNOW, BARE, MOSS, CROP, BUILT]] = (-1.6, -1.0, 1.5, 0.7, 0.4, -0.3, -0.3)
-  fields[present] = (np.log(mix[present])[:, None, None] + 1.2 * noise
-                     + terrain_preference[present][:, None, None] * terrain_z[None])
-  lulc = np.argmax(fields, axis=0)
+  fields = (np.log(mix[present])[:, None, None] + 1.2 * noise
+            + terrain_preference[present][:, None, None] * terrain_z[None])
+  lulc = present[np.argmax(fields, axis=0)]
 
   # Lakes are flat.
   water = lulc == WATER
   if water.any():
     dem[water] = np.percentile(dem[water], 10)
 
-  # Sentinel-2 at 10 m.
-  spectra = class_spectra(code, meta.season_s2, rng)
-  reflectance = spectra[lulc]  # [H, W, 12]
+  # Sentinel-2: a clean rendering at 10 m, averaged to each band's native pixel size, then sensor noise.
+  spectra = class_spectra(code, meta.season_s2, rng).astype(np.float32)
+  reflectance = np.take(spectra.T, lulc, axis=1)  # [12, H, W]: band-first keeps each band contiguous
   crop = lulc == CROP
   if crop.any():
     parcels = _crop_parcels(rng)
     v = vigour(code, meta.season_s2)
     stage = np.clip(rng.beta(2.0, 2.0, 16 * 16) * 0.6 + v - 0.3, 0.0, 1.0)[parcels[crop]]
     green, soil = np.array(_GREEN[CROP]), BARE_SOIL * SOIL_BRIGHTNESS[code]
-    reflectance[crop] = stage[:, None] * green + (1.0 - stage[:, None]) * soil
-  # Seasonal snow on open land when the scene is below freezing.
+    reflectance[:, crop] = green[:, None] * stage + soil[:, None] * (1.0 - stage)
+  # Seasonal snow on open land when the scene is below freezing (forests keep only a little of it).
   snow_probability = np.clip((272.5 - meta.weather_s2["temperature"]) / 6.0, 0.0, 0.9)
   if snow_probability > 0 and not meta.water_patch:
     snow_field = smooth_fields(rng, 1, scales=((5, 1.0), (15, 0.4)))[0]
     covered = (snow_field < np.quantile(snow_field, snow_probability)) & ~water
     covered &= (lulc != TREE) | (snow_field < np.quantile(snow_field, 0.3 * snow_probability))
-    reflectance[covered] = 0.85 * np.array(_FIXED[SNOW])
+    reflectance[:, covered] = 0.85 * np.array(_FIXED[SNOW], np.float32)[:, None]
   texture = smooth_fields(rng, 1, scales=((30, 1.0),))[0]
   dzdx = np.gradient(dem, 10.0, axis=1)
   dzdy = np.gradient(dem, 10.0, axis=0)
   # Lambertian hill shading with the sun in the south, 35 degrees up.
-  shade = (np.sin(np.radians(35)) - np.cos(np.radians(35)) * dzdy) / np.sqrt(1 + dzdx ** 2 + dzdy ** 2)
-  shade = np.clip(shade / np.sin(np.radians(35)), 0.3, 1.5)
-  reflectance *= (shade * (1.0 + 0.05 * texture))[..., None]
-  reflectance *= 1.0 + rng.normal(0.0, 0.03, reflectance.shape)
-  reflectance += rng.normal(0.0, 0.002, reflectance.shape)
-  dn = np.clip(reflectance * constants.S2_SCALE, 1.0, 65535.0)
+  sun = np.radians(35.0)
+  shade = (np.sin(sun) - np.cos(sun) * dzdy) / np.sqrt(1.0 + dzdx ** 2 + dzdy ** 2)
+  shade = np.clip(shade / np.sin(sun), 0.3, 1.5) * (1.0 + 0.05 * texture)
+  reflectance *= shade.astype(np.float32)
   s2 = {}
   for band_index, band in enumerate(constants.S2_BANDS):
     factor = constants.S2_BAND_RESOLUTION_M[band] // 10
-    image = dn[..., band_index]
+    image = reflectance[band_index]
     if factor > 1:
       image = _block_mean(image, factor)
-    s2[band] = np.round(image).astype(np.uint16)
+    # 3 % multiplicative and 0.002 additive noise, drawn together.
+    sigma = np.sqrt((0.03 * image) ** 2 + 0.002 ** 2)
+    image = image + sigma * rng.standard_normal(image.shape, dtype=np.float32)
+    s2[band] = np.round(np.clip(image * constants.S2_SCALE, 1.0, 65535.0)).astype(np.uint16)
 
   # Sentinel-1 in dB, with speckle drawn in linear power.
-  mean_db = S1_MEAN_DB[lulc].copy()  # [H, W, 2]
+  mean_db = np.take(S1_MEAN_DB, lulc, axis=0)  # [H, W, 2]
   if crop.any():
-    mean_db[crop] += (stage[:, None] - 0.5) * np.array([3.0, 2.0])
+    mean_db[crop] += (stage[:, None] - 0.5) * np.array([3.0, 2.0], np.float32)
   if water.any():
-    mean_db[water] += min(meta.wind_speed_s1, 12.0) * np.array([0.45, 0.8])
-  mean_db += rng.normal(0.0, 0.7)  # incidence angle / calibration offset of the scene
-  mean_db += np.clip(25.0 * dzdx, -4.0, 4.0)[..., None]  # slopes facing the sensor look brighter
-  mean_db += 0.8 * smooth_fields(rng, 2, scales=((20, 1.0),)).transpose(1, 2, 0)
+    mean_db[water] += min(meta.wind_speed_s1, 12.0) * np.array([0.45, 0.8], np.float32)
+  scene_offset = rng.normal(0.0, 0.7)  # incidence angle / calibration of the scene
+  slope_brightening = np.clip(25.0 * dzdx, -4.0, 4.0) + scene_offset  # slopes facing the sensor
+  mean_db += slope_brightening.astype(np.float32)[..., None]
+  mean_db += 0.8 * smooth_fields(rng, 2, scales=((20, 1.0),)).transpose(1, 2, 0).astype(np.float32)
   built = lulc == BUILT
   if built.any():
-    mean_db[built] += rng.exponential(2.0, (built.sum(), 2))
-  speckle = rng.gamma(S1_LOOKS, 1.0 / S1_LOOKS, mean_db.shape)
+    mean_db[built] += rng.exponential(2.0, (built.sum(), 2)).astype(np.float32)
+  speckle = rng.standard_gamma(S1_LOOKS, mean_db.shape, dtype=np.float32) / S1_LOOKS
   s1_db = mean_db + 10.0 * np.log10(speckle)
-  s1 = {band: s1_db[..., i].astype(np.float32) for i, band in enumerate(constants.S1_BANDS)}
+  s1 = {band: np.ascontiguousarray(s1_db[..., i], np.float32) for i, band in enumerate(constants.S1_BANDS)}
 
   codes = np.asarray(constants.WORLDCOVER_CODES, np.uint8)[lulc]
   counts = np.bincount(lulc.ravel(), minlength=constants.NUM_LULC_CLASSES).astype(np.float64)
