@@ -12,9 +12,8 @@ from flax import nnx
 
 from labeleff_jax.data import constants
 from labeleff_jax.models import layers
-from labeleff_jax.models.encoders import MLPEncoder
-from labeleff_jax.models.fusion import FusionTrunk, check_modalities, get_input
-from labeleff_jax.models.registry import BACKBONES, MODELS
+from labeleff_jax.models.fusion import FusionTrunk, check_modalities
+from labeleff_jax.models.registry import MODELS
 from labeleff_jax.models.supervised import _get, model_dtype
 
 DEFAULT_PROJECTOR = (512, 256)
@@ -39,37 +38,18 @@ class Projector(nnx.Module):
     return x
 
 
-class PooledEncoder(nnx.Module):
-  """One modality -> [B, out_features]: an image backbone + global average pool, or an MLP for a vector."""
-
-  def __init__(self, modality: str, *, backbone: str, width: int, mlp_features: Sequence[int], dtype,
-               rngs: nnx.Rngs):
-    self.modality = modality
-    self.dtype = dtype
-    channels = constants.MODALITIES[modality]
-    if modality in constants.IMAGE_MODALITIES:
-      self.net = BACKBONES.get(backbone)(channels, width=width, dtype=dtype, rngs=rngs)
-      self.out_features = self.net.out_channels
-      self.is_image = True
-    else:
-      self.net = MLPEncoder(channels, mlp_features, dtype=dtype, rngs=rngs)
-      self.out_features = self.net.out_features
-      self.is_image = False
-
-  def __call__(self, inputs: dict) -> jax.Array:
-    x = self.net(get_input(inputs, self.modality, self.dtype))
-    return x.mean(axis=(1, 2)) if self.is_image else x
-
-
 class DualEncoder(nnx.Module):
   """inputs -> {'z_a': [B, D], 'z_b': [B, D]}: projections (not normalised) of modality_a and modality_b.
 
-  `encoders` and `projectors` are keyed by modality; with a shared projector both keys hold the same module,
-  which NNX stores (and counts) once.
+  `backbone` is a late-fusion trunk over the two modalities (paths `backbone/encoders/<modality>`, the same as
+  in supervised models, so a pretrained encoder transfers by path); image feature maps are averaged over
+  space, vector modalities use their MLP encoding. The projector is `projector` when shared (the reference:
+  one module, counted once) and `projectors[modality]` when each modality has its own.
   """
 
   def __init__(self, modality_a: str = "s2", modality_b: str = "s1", *, backbone: str = "resnet18",
-               width: int = 64, projector: Sequence[int] = DEFAULT_PROJECTOR, shared_projector: bool = True,
+               width: int = 64, image_size: int = constants.PATCH_SIZE,
+               projector: Sequence[int] = DEFAULT_PROJECTOR, shared_projector: bool = True,
                mlp_features: Sequence[int] = (64, 64), dtype=jnp.float32, rngs: nnx.Rngs):
     check_modalities((modality_a,), "config.model.modality_a")
     check_modalities((modality_b,), "config.model.modality_b")
@@ -77,36 +57,44 @@ class DualEncoder(nnx.Module):
       raise ValueError(f"config.model.modality_a and modality_b must differ, both are {modality_a!r} "
                        "(for two views of one modality use config.model.name='simclr')")
     self.modality_a, self.modality_b = modality_a, modality_b
-    encoder_a, encoder_b = (PooledEncoder(m, backbone=backbone, width=width, mlp_features=mlp_features,
-                                          dtype=dtype, rngs=rngs) for m in (modality_a, modality_b))
-    self.encoders = nnx.Dict({modality_a: encoder_a, modality_b: encoder_b})
+    self.backbone = FusionTrunk((modality_a, modality_b), fusion="late", backbone=backbone, width=width,
+                                image_size=image_size, mlp_features=mlp_features, dtype=dtype, rngs=rngs)
+    dim_a, dim_b = self.backbone.feature_dims
     if shared_projector:
-      if encoder_a.out_features != encoder_b.out_features:
+      if dim_a != dim_b:
         raise ValueError(
-            f"config.model.shared_projector needs equal feature sizes, got {modality_a}: "
-            f"{encoder_a.out_features}, {modality_b}: {encoder_b.out_features}; set shared_projector=False")
-      shared = Projector(encoder_a.out_features, projector, dtype=dtype, rngs=rngs)
-      self.projectors = nnx.Dict({modality_a: shared, modality_b: shared})
+            f"config.model.shared_projector needs equal feature sizes, got {modality_a}: {dim_a}, "
+            f"{modality_b}: {dim_b}; set shared_projector=False")
+      self.projector = Projector(dim_a, projector, dtype=dtype, rngs=rngs)
+      self.projectors = None
     else:
+      self.projector = None
       self.projectors = nnx.Dict({
-          m: Projector(e.out_features, projector, dtype=dtype, rngs=rngs)
-          for m, e in ((modality_a, encoder_a), (modality_b, encoder_b))})
+          modality_a: Projector(dim_a, projector, dtype=dtype, rngs=rngs),
+          modality_b: Projector(dim_b, projector, dtype=dtype, rngs=rngs)})
+
+  def _pooled(self, inputs: dict, modality: str) -> jax.Array:
+    x = self.backbone.encode(inputs, modality)
+    return x.mean(axis=(1, 2)) if x.ndim == 4 else x
 
   def __call__(self, inputs: dict) -> dict:
     out = {}
     for key, modality in (("z_a", self.modality_a), ("z_b", self.modality_b)):
-      features = self.encoders[modality](inputs)
-      out[key] = self.projectors[modality](features).astype(jnp.float32)
+      project = self.projector if self.projector is not None else self.projectors[modality]
+      out[key] = project(self._pooled(inputs, modality)).astype(jnp.float32)
     return out
 
   def features(self, inputs: dict) -> jax.Array:
     """Pooled backbone features of both modalities, concatenated [a, b]: [B, F_a + F_b], float32."""
     return jnp.concatenate(
-        [self.encoders[m](inputs).astype(jnp.float32) for m in (self.modality_a, self.modality_b)], axis=-1)
+        [self._pooled(inputs, m).astype(jnp.float32) for m in (self.modality_a, self.modality_b)], axis=-1)
 
 
 class SimCLREncoder(nnx.Module):
   """inputs -> {'z': [B, D]}: backbone on the (early-fused) modalities, global pool, projector.
+
+  Its `backbone` has the paths of a supervised early-fusion model on the same modalities (e.g.
+  `backbone/encoders/s2`), so fine-tuning loads it with an identity mapping.
 
   The engine calls it once on `inputs` and once on `inputs2` (the two augmented views).
   """
@@ -114,16 +102,16 @@ class SimCLREncoder(nnx.Module):
   def __init__(self, modalities: Sequence[str], *, backbone: str = "resnet18", width: int = 64,
                image_size: int = constants.PATCH_SIZE, projector: Sequence[int] = DEFAULT_PROJECTOR,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    self.trunk = FusionTrunk(modalities, fusion="early", backbone=backbone, width=width, image_size=image_size,
-                             dtype=dtype, rngs=rngs)
-    self.projector = Projector(self.trunk.out_channels, projector, dtype=dtype, rngs=rngs)
+    self.backbone = FusionTrunk(modalities, fusion="early", backbone=backbone, width=width,
+                                image_size=image_size, dtype=dtype, rngs=rngs)
+    self.projector = Projector(self.backbone.out_channels, projector, dtype=dtype, rngs=rngs)
 
   def features(self, inputs: dict) -> jax.Array:
     """Pooled backbone features [B, F], float32."""
-    return self.trunk(inputs).astype(jnp.float32).mean(axis=(1, 2))
+    return self.backbone(inputs).astype(jnp.float32).mean(axis=(1, 2))
 
   def __call__(self, inputs: dict) -> dict:
-    pooled = self.trunk(inputs).mean(axis=(1, 2))
+    pooled = self.backbone(inputs).mean(axis=(1, 2))
     return {"z": self.projector(pooled).astype(jnp.float32)}
 
 
@@ -133,6 +121,7 @@ def _build_dual_encoder(config: Any, *, rngs: nnx.Rngs) -> DualEncoder:
   return DualEncoder(
       _get(model_cfg, "modality_a", "s2"), _get(model_cfg, "modality_b", "s1"),
       backbone=_get(model_cfg, "backbone", "resnet18"), width=int(_get(model_cfg, "width", 64)),
+      image_size=int(_get(config.get("data", None), "image_size", constants.PATCH_SIZE)),
       projector=tuple(_get(model_cfg, "projector", DEFAULT_PROJECTOR)),
       shared_projector=bool(_get(model_cfg, "shared_projector", True)),
       mlp_features=tuple(_get(model_cfg, "mlp_features", (64, 64))), dtype=model_dtype(config), rngs=rngs)

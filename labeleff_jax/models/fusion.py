@@ -9,7 +9,8 @@ config.data.modalities order (the reference concatenates [S1, S2], i.e. modaliti
 - vector modality -> MLP encoder -> [B, D], blown up to [B, h, w, D] planes. A global-pool head averages
   a constant plane back to the vector itself, so for the pool head this is exactly "concatenate after
   pooling", and the reference head sees the vector at every pixel.
-With shared_backbone, all image modalities run through one backbone (their channel counts must match).
+With shared_backbone, all image modalities run through one backbone, `shared_image_encoder` (their channel
+counts must match); `encoders` then holds only the vector encoders.
 """
 
 from typing import Sequence
@@ -90,8 +91,9 @@ class FusionTrunk(nnx.Module):
   """inputs dict -> fused feature map [B, feature_size, feature_size, out_channels] (early or late fusion).
 
   Encoders live in `self.encoders`, keyed by modality for late fusion and by the joined modality names
-  (e.g. 's2_s1_season') for early fusion, so a backbone's parameter paths name what it has seen (handy for
-  transfer: a contrastive 's2' encoder restores into a supervised 's2' model).
+  (e.g. 's2_s1_season'; just 's2' for one modality) for early fusion, so a backbone's parameter paths name
+  what it has seen. Every model holds its trunk as `backbone`, so the S2 ResNet of a contrastive run
+  (`backbone/encoders/s2`) restores into a supervised S2 model under the same path.
   """
 
   def __init__(self, modalities: Sequence[str], *, fusion: str = "early", backbone: str = "unet",
@@ -109,6 +111,8 @@ class FusionTrunk(nnx.Module):
         raise ValueError("config.model.shared_backbone applies to late fusion only (config.model.fusion='late')")
       net = build_backbone(fused_channels(modalities), width=width, dtype=dtype, rngs=rngs)
       self.encoders = nnx.Dict({"_".join(modalities): net})
+      self.shared_image_encoder = None
+      self.feature_dims = (net.out_channels,)
       self.out_channels = net.out_channels
       self.feature_size = net.feature_size(image_size)
       return
@@ -123,23 +127,38 @@ class FusionTrunk(nnx.Module):
             "config.model.shared_backbone needs at least two image modalities with equal channel counts, got "
             f"{channels}; set shared_backbone=False to give each modality its own backbone")
       shared = build_backbone(channels[images[0]], width=width, dtype=dtype, rngs=rngs)
-    out_channels = 0
+    feature_dims = []
     feature_size = None
     for name in modalities:
       if name in constants.IMAGE_MODALITIES:
         net = shared if shared is not None else build_backbone(
             constants.MODALITIES[name], width=width, dtype=dtype, rngs=rngs)
-        out_channels += net.out_channels
+        feature_dims.append(net.out_channels)
         feature_size = net.feature_size(image_size)
+        if shared is None:
+          encoders[name] = net
       else:
         net = MLPEncoder(constants.MODALITIES[name], mlp_features, dtype=dtype, rngs=rngs)
-        out_channels += net.out_features
-      encoders[name] = net
+        feature_dims.append(net.out_features)
+        encoders[name] = net
     if feature_size is None:  # vectors only: planes of the size the backbone would have produced
       feature_size = build_backbone.feature_size(image_size)
     self.encoders = nnx.Dict(encoders)
-    self.out_channels = out_channels
+    self.shared_image_encoder = shared
+    self.feature_dims = tuple(feature_dims)  # channels each modality contributes, in modality order
+    self.out_channels = sum(feature_dims)
     self.feature_size = feature_size
+
+  def encode(self, inputs: dict, modality: str) -> jax.Array:
+    """Late fusion, one modality: its feature map [B, h, w, C] (image) or encoding [B, D] (vector)."""
+    if self.fusion != "late" or modality not in self.modalities:
+      raise ValueError(f"encode({modality!r}) needs late fusion over it; this trunk is {self.fusion} fusion "
+                       f"of {list(self.modalities)}")
+    if modality in constants.IMAGE_MODALITIES and self.shared_image_encoder is not None:
+      encoder = self.shared_image_encoder
+    else:
+      encoder = self.encoders[modality]
+    return encoder(get_input(inputs, modality, self.dtype))
 
   def __call__(self, inputs: dict) -> jax.Array:
     if self.fusion == "early":
@@ -148,14 +167,13 @@ class FusionTrunk(nnx.Module):
     maps = {}
     for name in self.modalities:
       if name in constants.IMAGE_MODALITIES:
-        maps[name] = self.encoders[name](get_input(inputs, name, self.dtype))
+        maps[name] = self.encode(inputs, name)
     # Planes match the image maps actually produced (a pool head accepts other input sizes).
     height, width = next((m.shape[1], m.shape[2]) for m in maps.values()) if maps else (
         self.feature_size, self.feature_size)
     for name in self.modalities:
       if name in constants.VECTOR_MODALITIES:
-        vector = self.encoders[name](get_input(inputs, name, self.dtype))
-        maps[name] = blow_up(vector, height, width)
+        maps[name] = blow_up(self.encode(inputs, name), height, width)
     parts = [maps[name] for name in self.modalities]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 

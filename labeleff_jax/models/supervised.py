@@ -40,7 +40,7 @@ class SupervisedModel(nnx.Module):
     if len(set(names)) != len(names):
       raise ValueError(f"config.tasks has duplicate names: {names}")
     check_choice(task_weighting, TASK_WEIGHTINGS, "config.model.task_weighting")
-    self.trunk = trunk
+    self.backbone = trunk
     self.heads = nnx.Dict({
         task.get("name", None) or f"task{index}": build_task_head(
             task, index, in_channels=trunk.out_channels, feature_size=trunk.feature_size,
@@ -55,12 +55,12 @@ class SupervisedModel(nnx.Module):
       self.task_log_vars = nnx.Param(jnp.zeros((len(tasks),), jnp.float32))
 
   def __call__(self, inputs: dict) -> dict:
-    features = self.trunk(inputs)
+    features = self.backbone(inputs)
     return {name: self.heads[name](features) for name in self.task_names}
 
   def features(self, inputs: dict) -> jax.Array:
     """Globally averaged backbone feature map [B, out_channels], float32 (for k-NN and linear probes)."""
-    return self.trunk(inputs).astype(jnp.float32).mean(axis=(1, 2))
+    return self.backbone(inputs).astype(jnp.float32).mean(axis=(1, 2))
 
   def combine_losses(self, losses: dict) -> jax.Array:
     """Total loss from per-task losses {task name: scalar}.
