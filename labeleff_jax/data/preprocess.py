@@ -97,7 +97,8 @@ def prepare_stats(stats: Mapping | None) -> dict | None:
   prepared = {}
   for name, entry in stats.items():
     if name not in STANDARDIZABLE_MODALITIES:
-      raise ValueError(f"Normalisation stats for '{name}': only {STANDARDIZABLE_MODALITIES} are standardised.")
+      raise ValueError(f"Normalisation stats for '{name}': only {STANDARDIZABLE_MODALITIES} are "
+                       "standardised.")
     try:
       mean = np.asarray(entry["mean"], np.float32)
       std = np.asarray(entry["std"], np.float32)
@@ -119,7 +120,8 @@ def _destination(out: Mapping | None, name: str, shape: tuple) -> np.ndarray:
     return np.empty(shape, np.float32)
   target = out[name]
   if target.shape != tuple(shape):
-    raise ValueError(f"Output buffer for '{name}' has shape {target.shape}, the example gives {tuple(shape)}.")
+    raise ValueError(f"Output buffer for '{name}' has shape {target.shape}, the example gives "
+                     f"{tuple(shape)}.")
   return target
 
 
