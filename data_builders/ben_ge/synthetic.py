@@ -28,6 +28,7 @@ import multiprocessing
 import pathlib
 import re
 import shutil
+import struct
 import sys
 import time
 
@@ -115,23 +116,82 @@ def patch_origins(metas):
 # ---------------------------------------------------------------------------------------------------------
 # Writing one patch (runs in the workers).
 # ---------------------------------------------------------------------------------------------------------
-_CRS_CACHE = {}
+_TEMPLATE_WEST, _TEMPLATE_NORTH = -1234567.25, 9876543.125  # values that occur nowhere else in a header
 
 
-def _crs(epsg: int) -> CRS:
-  if epsg not in _CRS_CACHE:
-    _CRS_CACHE[epsg] = CRS.from_epsg(epsg)
-  return _CRS_CACHE[epsg]
+class GeoTiffWriter:
+  """Writes single-band GeoTIFFs byte-identical to rasterio/GDAL's, but without GDAL's per-file overhead.
+
+  GDAL writes an uncompressed single-band GTiff as a fixed header followed by the raw pixels, and for rasters
+  of one shape, dtype, CRS and pixel size the header differs only in the tie point (the upper-left corner).
+  So GDAL writes one template per kind (into memory), and each file is the template with its tie point and
+  pixels replaced. Opening a GDAL dataset per file costs ~1.4 ms, 16 files per patch; this costs ~0.05 ms.
+  Where the template does not have that layout (another GDAL version may differ), it falls back to rasterio.
+  """
+
+  def __init__(self):
+    self._templates = {}
+
+  def _template(self, shape, dtype, epsg, pixel_size, nodata):
+    key = (shape, np.dtype(dtype).str, epsg, pixel_size, nodata)
+    if key not in self._templates:
+      self._templates[key] = self._make_template(shape, np.dtype(dtype), epsg, pixel_size, nodata)
+    return self._templates[key]
+
+  @staticmethod
+  def _make_template(shape, dtype, epsg, pixel_size, nodata):
+    """(header, tie point offset), or None where GDAL's output is not header + raw pixels."""
+    # A pattern, not zeros: GDAL may treat all-zero strips specially, and the pattern must be findable.
+    pattern = (np.arange(np.prod(shape)) % 251 + 1).astype(dtype).reshape(shape)
+    content = _gdal_bytes(pattern, epsg, _TEMPLATE_WEST, _TEMPLATE_NORTH, pixel_size, nodata)
+    header_size = len(content) - pattern.nbytes
+    tie_point = struct.pack("<dd", _TEMPLATE_WEST, _TEMPLATE_NORTH)
+    offset = content.find(tie_point)
+    if not (content[:2] == b"II" and content.count(tie_point) == 1 and 0 <= offset < header_size
+            and content[header_size:] == pattern.astype(dtype.newbyteorder("<")).tobytes()):
+      return None
+    template = (bytes(content[:header_size]), offset)
+    # Check once against GDAL itself with other pixels and another corner.
+    probe = pattern[::-1].copy()
+    if _fill_template(template, probe, 300000.0, 5000040.0) != _gdal_bytes(
+        probe, epsg, 300000.0, 5000040.0, pixel_size, nodata):
+      return None
+    return template
+
+  def write(self, path, image: np.ndarray, epsg: int, west: float, north: float, pixel_size: float,
+            nodata=None):
+    template = self._template(image.shape, image.dtype, epsg, pixel_size, nodata)
+    if template is None:
+      with rasterio.open(path, "w", **_profile(image, epsg, west, north, pixel_size, nodata)) as dst:
+        dst.write(image, 1)
+      return
+    with open(path, "wb") as f:
+      f.write(_fill_template(template, image, west, north))
 
 
-def _write_geotiff(path: pathlib.Path, image: np.ndarray, crs: CRS, west: float, north: float,
-                   pixel_size: float, nodata=None):
+def _fill_template(template, image, west, north) -> bytes:
+  header, tie_point_offset = template
+  corner = struct.pack("<dd", west, north)
+  pixels = np.ascontiguousarray(image, image.dtype.newbyteorder("<")).tobytes()
+  return b"".join((header[:tie_point_offset], corner, header[tie_point_offset + 16:], pixels))
+
+
+def _gdal_bytes(image, epsg, west, north, pixel_size, nodata) -> bytes:
+  with rasterio.MemoryFile() as memory:
+    with memory.open(**_profile(image, epsg, west, north, pixel_size, nodata)) as dst:
+      dst.write(image, 1)
+    return memory.read()
+
+
+def _profile(image, epsg, west, north, pixel_size, nodata):
   profile = dict(driver="GTiff", height=image.shape[0], width=image.shape[1], count=1, dtype=image.dtype,
-                 crs=crs, transform=from_origin(west, north, pixel_size, pixel_size))
+                 crs=CRS.from_epsg(epsg), transform=from_origin(west, north, pixel_size, pixel_size))
   if nodata is not None:
     profile["nodata"] = nodata
-  with rasterio.open(path, "w", **profile) as dst:
-    dst.write(image, 1)
+  return profile
+
+
+_WRITER = GeoTiffWriter()  # one per process: the templates are cached in it
 
 
 def _write_patch(job):
@@ -139,17 +199,16 @@ def _write_patch(job):
   meta, seed, root, patch_id, patch_id_s1, (epsg, west, north) = job
   rasters = world_model.generate_rasters(meta, seed)
   root = pathlib.Path(root)
-  crs = _crs(epsg)
   paths = constants.raster_paths(patch_id, patch_id_s1)
   (root / paths["s2_B01"]).parent.mkdir(parents=True, exist_ok=True)
   (root / paths["s1_VH"]).parent.mkdir(parents=True, exist_ok=True)
   for band in constants.S2_BANDS:
-    _write_geotiff(root / paths[f"s2_{band}"], rasters["s2"][band], crs, west, north,
-                   constants.S2_BAND_RESOLUTION_M[band])
+    _WRITER.write(root / paths[f"s2_{band}"], rasters["s2"][band], epsg, west, north,
+                  constants.S2_BAND_RESOLUTION_M[band])
   for band in constants.S1_BANDS:
-    _write_geotiff(root / paths[f"s1_{band}"], rasters["s1"][band], crs, west, north, 10)
-  _write_geotiff(root / paths["lulc"], rasters["lulc"], crs, west, north, 10, nodata=0)
-  _write_geotiff(root / paths["dem"], rasters["dem"], crs, west, north, 10)
+    _WRITER.write(root / paths[f"s1_{band}"], rasters["s1"][band], epsg, west, north, 10)
+  _WRITER.write(root / paths["lulc"], rasters["lulc"], epsg, west, north, 10, nodata=0)
+  _WRITER.write(root / paths["dem"], rasters["dem"], epsg, west, north, 10)
   return meta.index, rasters["fractions"]
 
 
@@ -267,13 +326,12 @@ def write_dataset(out_dir, name: str = "ben-ge-800", num_patches: int = 800, see
     else:
       iterator = map(_write_patch, jobs)
     start, done = time.time(), 0
-    with rasterio.Env():
-      for index, patch_fractions in iterator:
-        fractions[index] = patch_fractions
-        done += 1
-        if progress and (done % 200 == 0 or done == num_patches):
-          rate = done / max(time.time() - start, 1e-9)
-          print(f"\r{done}/{num_patches} patches ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
+    for index, patch_fractions in iterator:
+      fractions[index] = patch_fractions
+      done += 1
+      if progress and (done % 200 == 0 or done == num_patches):
+        rate = done / max(time.time() - start, 1e-9)
+        print(f"\r{done}/{num_patches} patches ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
     if progress:
       print(file=sys.stderr)
   finally:
