@@ -13,7 +13,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from labeleff_jax.data import label_fraction
 from labeleff_jax.data import pipeline
 
 SPLITS = ("train", "validation", "test")
@@ -30,8 +29,8 @@ def ensure_prepared(config: ml_collections.ConfigDict) -> pathlib.Path:
 
   data_dir = pathlib.Path(config.data.data_dir).expanduser()
   name = config.data.name
-  prepared = builder_lib.prepared_path(data_dir, name)
-  if prepared is not None:
+  prepared = builder_lib.dataset_dir(data_dir, name)
+  if (prepared / "dataset_info.json").exists():
     return prepared
   manual_dir = pathlib.Path(config.data.manual_dir).expanduser()
   if is_synthetic(config) and not (manual_dir / name).exists():
@@ -52,7 +51,6 @@ def ensure_prepared(config: ml_collections.ConfigDict) -> pathlib.Path:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("ben_ge prepared")
-    prepared = builder_lib.prepared_path(data_dir, name)
   return prepared
 
 
@@ -64,28 +62,20 @@ def open_splits(config: ml_collections.ConfigDict) -> dict:
 
 def train_indices(config: ml_collections.ConfigDict, train_source) -> np.ndarray:
   """Indices of the labelled training examples: all of them, or a nested stratified fraction."""
-  fraction = config.data.get("label_fraction", 1.0)
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
-  if fraction == 1.0:
-    return np.arange(len(train_source))
-  stratify_by = config.data.get("stratify_by", "climatezone")
-  class_labels = pipeline.read_field(train_source, stratify_by)
-  return label_fraction.label_fraction_indices(class_labels, fraction,
-                                               config.data.get("label_fraction_seed", 0))
+  return pipeline.select_indices(config, train_source, "labelled")
 
 
-def attach_normalization(config: ml_collections.ConfigDict, train_source, workdir: pathlib.Path):
-  """Computes (or reloads) train-split statistics when `data.normalization='standardize'`."""
-  if config.data.get("normalization", "reference") != "standardize":
-    return config
+def normalization_stats(config: ml_collections.ConfigDict, train_source, workdir: pathlib.Path):
+  """Train-split statistics for `data.normalization='standardize'` (None for the reference constants).
+
+  Kept in the workdir, so a resumed run normalises exactly like the run it continues.
+  """
+  if config.data.get("normalization", "reference") == "reference":
+    return None
   path = workdir / "normalization.json"
   if path.exists():
-    stats = json.loads(path.read_text())
-  else:
-    stats = pipeline.compute_normalization_stats(train_source, list(config.data.modalities))
-    if jax.process_index() == 0:
-      path.write_text(json.dumps(stats, indent=2) + "\n")
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.normalization_stats = stats
-  return config
+    return json.loads(path.read_text())
+  stats = pipeline.normalization_stats(config, train_source)
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(stats, indent=2) + "\n")
+  return stats

@@ -95,7 +95,7 @@ def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainab
     (loss, aux), grads = grad_fn(model)
     optimizer.update(model, grads)
     _, _, new_state = _split(bundle)
-    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "learning_rate": jnp.asarray(schedule(step), jnp.float32), **aux}
     return new_state, step_metrics
 
@@ -155,9 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   objective = objectives.make_objective(config)
   labels = config_checks.required_labels(config)
   train_indices = datasets.train_indices(config, sources["train"])
-  config = datasets.attach_normalization(config, sources["train"], workdir)
+  stats = datasets.normalization_stats(config, sources["train"], workdir)
   train_iter = pipeline.make_train_iterator(config, sources["train"], mesh, labels=labels,
-                                            indices=train_indices)
+                                            indices=train_indices, stats=stats)
   batch_size = config.train.batch_size
   steps_per_epoch = pipeline.steps_per_epoch(len(train_indices), batch_size)
   total_steps = config.train.get("max_steps", None) or config.train.num_epochs * steps_per_epoch
@@ -194,15 +194,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   start_step = 0
   latest = checkpointer.latest_step()
   if latest is not None:
-    pure, data_state, meta = checkpointer.restore(latest, checkpoint_lib.abstract_like(state.to_pure_dict()))
-    state.replace_by_pure_dict(pure)
+    pure, data_state, meta = checkpointer.restore(latest, checkpoint_lib.abstract_like(nnx.to_pure_dict(state)))
+    nnx.replace_by_pure_dict(state, pure)
     train_iter.set_state(data_state)
     start_step = int(meta["step"])
     logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
   writer = writers.MetricWriter(workdir, resume_step=start_step if latest is not None else None)
 
   def save(step):
-    checkpointer.save(step, state.to_pure_dict(), train_iter.get_state(), {"step": step})
+    checkpointer.save(step, nnx.to_pure_dict(state), train_iter.get_state(), {"step": step})
 
   # -- Loop -----------------------------------------------------------------------------------------------
   log_every = config.train.get("log_every_steps", 50)
@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if done % steps_per_epoch == 0 and (done // steps_per_epoch) % eval_every_epochs == 0 \
           and done != total_steps:
         result, _ = evaluate(eval_step, state, rng_state, pipeline.make_eval_batches(
-            config, sources["validation"], mesh, labels=labels), objective)
+            config, sources["validation"], mesh, labels=labels, stats=stats), objective)
         writer.write(done, "validation", {**result, "epoch": done / steps_per_epoch})
         step_start = time.time()
       if done % checkpoint_every == 0 and done != total_steps:
@@ -255,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     final, examples = {}, None
     for split in ("validation", "test"):
       result, first = evaluate(eval_step, state, rng_state, pipeline.make_eval_batches(
-          config, sources[split], mesh, labels=labels), objective)
+          config, sources[split], mesh, labels=labels, stats=stats), objective)
       final[split] = result
       writer.write(total_steps, split, {**result, "epoch": total_steps / steps_per_epoch})
       if split == "test":

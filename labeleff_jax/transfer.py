@@ -140,11 +140,11 @@ def maybe_initialize(model: nnx.Module, config: ml_collections.ConfigDict) -> di
       raise TransferError("transfer.mode='linear_probe' needs config.init_from (a pretrained run)")
     return None
   state = nnx.state(model, nnx.Not(nnx.RngState))
-  target = state.to_pure_dict()
+  target = nnx.to_pure_dict(state)
   source = load_checkpoint_model_state(init_from)
   new_flat, report = apply_mapping(target, source, _parse_mapping(transfer.get("load", [])),
                                    transfer.get("dont_load", []))
-  state.replace_by_pure_dict(_int_keys(_unflatten(new_flat)))
+  nnx.replace_by_pure_dict(state, _int_keys(_unflatten(new_flat)))
   nnx.update(model, state)
   logging.info("transfer from %s: loaded %d arrays, skipped %d, fresh %d", init_from,
                len(report["loaded"]), len(report["skipped"]), len(report["fresh"]))
