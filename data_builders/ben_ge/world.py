@@ -382,6 +382,13 @@ _SENESCENT = {
     MANGROVE: (0.031, 0.036, 0.051, 0.051, 0.081, 0.150, 0.180, 0.200, 0.210, 0.190, 0.178, 0.098),
     MOSS: (0.055, 0.065, 0.090, 0.105, 0.135, 0.175, 0.195, 0.210, 0.220, 0.200, 0.260, 0.200),
 }
+# Needle-leaf forest: darker, with a weaker NIR plateau than broadleaf, and evergreen.
+_CONIFER = (0.018, 0.021, 0.036, 0.020, 0.052, 0.140, 0.180, 0.195, 0.205, 0.185, 0.100, 0.045)
+# Share of conifers in tree cover per climate code: boreal and mountain forests are mostly needle-leaf.
+CONIFER_SHARE = {
+    0: 0.3, 7: 0.5, 8: 0.25, 9: 0.4, 14: 0.15, 15: 0.3, 16: 0.5, 18: 0.6, 25: 0.25, 26: 0.6, 27: 0.9,
+    29: 0.8,
+}
 # How much each vegetation class follows the climate's vigour cycle (evergreen forests barely do).
 _PHENOLOGY_WEIGHT = {TREE: 0.5, SHRUB: 0.8, GRASS: 1.0, CROP: 1.0, WETLAND: 0.8, MANGROVE: 0.3, MOSS: 0.6}
 _FIXED = {
@@ -401,6 +408,8 @@ def class_spectra(climate_code: int, season: float, rng: np.random.Generator) ->
   for cls in VEGETATION_CLASSES:
     w = 0.5 + _PHENOLOGY_WEIGHT[cls] * (v - 0.5)
     spectra[cls] = w * np.array(_GREEN[cls]) + (1.0 - w) * np.array(_SENESCENT[cls])
+  conifer = float(np.clip(CONIFER_SHARE[climate_code] + rng.normal(0.0, 0.1), 0.0, 1.0))
+  spectra[TREE] = conifer * np.array(_CONIFER) + (1.0 - conifer) * spectra[TREE]
   for cls, spectrum in _FIXED.items():
     spectra[cls] = spectrum
   spectra[BARE] *= SOIL_BRIGHTNESS[climate_code]
