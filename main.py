@@ -33,9 +33,9 @@ def main(argv):
     final = summary["final"].get("test", {})
     metric = summary["main_metric"]
     print(f"\nworkdir: {os.path.abspath(workdir)}")
-    print(f"test {metric}: {final.get(metric)}  (test loss {final.get('loss'):.4f}, "
-          f"{summary['num_params']:,} parameters, {summary['wall_clock_seconds']:.0f} s"
-          f"{', synthetic data' if summary['synthetic_data'] else ''})")
+    loss = f"test loss {final['loss']:.4f}, " if "loss" in final else ""
+    print(f"test {metric}: {final.get(metric)}  ({loss}{summary['num_params']:,} parameters, "
+          f"{summary['wall_clock_seconds']:.0f} s{', synthetic data' if summary['synthetic_data'] else ''})")
     print(f"plots: {os.path.abspath(os.path.join(workdir, 'plots'))}")
 
 

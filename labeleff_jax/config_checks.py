@@ -26,12 +26,18 @@ class ConfigError(ValueError):
   """An experiment config that cannot run as written."""
 
 
+def probe_label(config: ml_collections.ConfigDict) -> str | None:
+  """The label of the k-NN representation probe (pretraining runs), or None."""
+  probe = config.get("probe", None)
+  return (probe.get("label", None) or None) if probe is not None else None
+
+
 def required_labels(config: ml_collections.ConfigDict) -> list[str]:
   """Label names the input pipeline must produce for this config."""
-  labels = [task.label for task in config.get("tasks", [])]
-  probe = config.get("probe", None)
-  if probe is not None and probe.get("label", None):
-    labels.append(probe.label)
+  labels = [task.label for task in config.get("tasks", [])] if config.get("objective") != "contrastive" \
+      else []
+  if probe_label(config):
+    labels.append(probe_label(config))
   return sorted(set(labels))
 
 
@@ -70,6 +76,10 @@ def check(config: ml_collections.ConfigDict, *, num_data_devices: int) -> None:
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"train.compute_dtype={dtype!r}; choose 'float32' or 'bfloat16'")
 
+  label = probe_label(config)
+  if label is not None and (label not in LABELS or LABELS[label][0] != "classification"):
+    raise ConfigError(f"probe.label={label!r} must be a classification label: "
+                      f"{sorted(k for k, v in LABELS.items() if v[0] == 'classification')}")
   objective = config.get("objective", "supervised")
   if objective == "supervised":
     _check_tasks(config, modalities)

@@ -60,11 +60,6 @@ def open_splits(config: ml_collections.ConfigDict) -> dict:
   return {split: pipeline.open_split(config, split) for split in SPLITS}
 
 
-def train_indices(config: ml_collections.ConfigDict, train_source) -> np.ndarray:
-  """Indices of the labelled training examples: all of them, or a nested stratified fraction."""
-  return pipeline.select_indices(config, train_source, "labelled")
-
-
 def normalization_stats(config: ml_collections.ConfigDict, train_source, workdir: pathlib.Path):
   """Train-split statistics for `data.normalization='standardize'` (None for the reference constants).
 

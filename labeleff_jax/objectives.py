@@ -54,7 +54,7 @@ class SupervisedObjective:
   def loss(self, model, outputs, batch):
     """Returns (total loss, {task name: loss}) for a training or evaluation batch."""
     task_losses = {task.name: self.task_loss(task, outputs[task.name], batch) for task in self.tasks}
-    if hasattr(model, "combine_losses"):
+    if model is not None and hasattr(model, "combine_losses"):
       total = model.combine_losses(task_losses)
     else:
       total = sum(task.get("weight", 1.0) * task_losses[task.name] for task in self.tasks)
@@ -62,8 +62,12 @@ class SupervisedObjective:
 
   # -- evaluation -----------------------------------------------------------------------------------------
   def eval_stats(self, outputs, batch) -> dict:
-    """Per-batch sufficient statistics (jit-able) for whole-split metrics of every task."""
-    stats = {}
+    """Per-batch sufficient statistics (jit-able) for whole-split metrics of every task and the loss."""
+    total, task_losses = self.loss(None, outputs, batch)
+    count = jnp.sum(batch["valid"]).astype(jnp.float32)
+    # Losses are means over the batch's valid examples: weighting them by the count gives the split mean.
+    stats = {"loss": {"loss_sum": total * count, "count": count,
+                      **{f"{k}_sum": v * count for k, v in task_losses.items()}}}
     for task in self.tasks:
       output, target = outputs[task.name], batch["labels"][task.label]
       if task.kind in ("classification", "segmentation"):
@@ -77,7 +81,7 @@ class SupervisedObjective:
     return stats
 
   def new_accumulators(self) -> dict:
-    accumulators = {}
+    accumulators = {"loss": metrics.MeanAccumulator()}
     for task in self.tasks:
       if task.kind in ("classification", "segmentation"):
         accumulators[task.name] = metrics.ClassificationAccumulator(task.num_classes)
@@ -93,7 +97,7 @@ class SupervisedObjective:
     for name, accumulator in accumulators.items():
       for key, value in accumulator.result().items():
         if np.ndim(value) == 0:
-          result[f"{name}/{key}"] = float(value)
+          result[key if name == "loss" else f"{name}/{key}"] = float(value)
     return result
 
   def predictions(self, outputs) -> dict:
@@ -119,49 +123,70 @@ class SupervisedObjective:
 
 
 class ContrastiveObjective:
-  """NT-Xent between two embeddings of the same patches (S2/S1 pairs, or two augmented views)."""
+  """NT-Xent between two embeddings of the same patches: S2/S1 pairs (dual encoder) or two augmented views.
+
+  Logged with the loss: the reference's matching accuracy, and the spread of the normalised embeddings
+  (`embedding_spread` = mean per-dimension std x sqrt(D): about 1 for well-spread embeddings, near 0 when
+  they collapse to one point), which the engine watches.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.temperature = config.get("contrastive", {}).get("temperature", 0.1)
+    self.temperature = config.contrastive.temperature
+    self.two_views = config.model.name != "dual_encoder"
     self.tasks = []
 
+  def forward(self, model, batch) -> dict:
+    if not self.two_views:
+      return model(batch["inputs"])
+    if "inputs2" not in batch:  # evaluation batches carry one view: embed it, score no pairs
+      z = model(batch["inputs"])["z"]
+      return {"z_a": z, "z_b": z}
+    # Both views in one pass, so BatchNorm normalises with the statistics of all 2B images (SimCLR).
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), batch["inputs"], batch["inputs2"])
+    z = model(both)["z"]
+    half = z.shape[0] // 2
+    return {"z_a": z[:half], "z_b": z[half:]}
+
   def loss(self, model, outputs, batch):
-    del model, batch
+    del model
     z_a, z_b = outputs["z_a"], outputs["z_b"]
-    loss = losses.nt_xent(z_a, z_b, self.temperature)
-    aux = {
-        "matching_accuracy": losses.matching_accuracy(z_a, z_b),
-        "embedding_std": embedding_std(z_a),
-    }
-    return loss, aux
+    loss, matching = losses.nt_xent_and_matching_accuracy(z_a, z_b, self.temperature, mask=batch["valid"])
+    return loss, {"matching_accuracy": matching, "embedding_spread": embedding_spread(z_a)}
 
   def eval_stats(self, outputs, batch) -> dict:
-    # Padding rows would add fake negatives, so evaluation batches are scored on valid rows only by
-    # giving them zero weight: the loss is approximated batch-wise and averaged with counts.
-    loss, aux = self.loss(None, outputs, batch)
+    loss, matching = losses.nt_xent_and_matching_accuracy(
+        outputs["z_a"], outputs["z_b"], self.temperature, mask=batch["valid"])
     count = jnp.sum(batch["valid"]).astype(jnp.float32)
-    return {"contrastive": {"loss_sum": loss * count, "matching_sum": aux["matching_accuracy"] * count,
-                            "count": count}}
+    stats = {"embedding_spread_sum": embedding_spread(outputs["z_a"], batch["valid"]) * count,
+             "count": count}
+    if not self.two_views:  # one-view evaluation batches have no pairs to score
+      stats.update(loss_sum=loss * count, matching_accuracy_sum=matching * count)
+    return {"contrastive": stats}
 
   def new_accumulators(self) -> dict:
     return {"contrastive": metrics.MeanAccumulator()}
 
   def summarize(self, accumulators: dict) -> dict:
-    return {f"contrastive/{k}": float(v) for k, v in accumulators["contrastive"].result().items()}
+    return {f"contrastive/{k}": float(v) for k, v in accumulators["contrastive"].result().items()
+            if np.ndim(v) == 0}
 
   def predictions(self, outputs) -> dict:
     return {}
 
   @property
   def main_metric(self) -> str:
-    return "contrastive/matching"
+    return "probe/knn_accuracy"
 
 
-def embedding_std(z: jax.Array) -> jax.Array:
-  """Mean per-dimension std of L2-normalised embeddings: ~1/sqrt(D) when healthy, ~0 when collapsed."""
+def embedding_spread(z: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Mean per-dimension std of L2-normalised embeddings times sqrt(D): ~1 spread out, ~0 collapsed."""
   z = z.astype(jnp.float32)
   z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
-  return jnp.mean(jnp.std(z, axis=0))
+  weights = jnp.ones(z.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  mean = jnp.sum(z * weights[:, None], axis=0) / count
+  variance = jnp.sum(jnp.square(z - mean) * weights[:, None], axis=0) / count
+  return jnp.mean(jnp.sqrt(variance)) * jnp.sqrt(jnp.float32(z.shape[-1]))
 
 
 OBJECTIVES = {"supervised": SupervisedObjective, "contrastive": ContrastiveObjective}

@@ -27,6 +27,7 @@ from labeleff_jax import models
 from labeleff_jax import objectives
 from labeleff_jax import optim
 from labeleff_jax import plots
+from labeleff_jax import probe
 from labeleff_jax import transfer
 from labeleff_jax import writers
 from labeleff_jax.data import pipeline
@@ -102,12 +103,13 @@ def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainab
   def eval_step(state, rng_state, batch):
     model = nnx.merge(eval_graphdef, rng_state, state)["model"]
     outputs = objective_forward(objective, model, batch)
-    loss, _ = objective.loss(model, outputs, batch)
-    count = jnp.sum(batch["valid"]).astype(jnp.float32)
-    return {"loss_sum": loss * count, "count": count}, objective.eval_stats(outputs, batch), \
-        objective.predictions(outputs)
+    return jnp.sum(batch["valid"]), objective.eval_stats(outputs, batch), objective.predictions(outputs)
 
-  return (jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step))
+  def embed_step(state, rng_state, batch):
+    model = nnx.merge(eval_graphdef, rng_state, state)["model"]
+    return model.features(batch["inputs"])
+
+  return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step), jax.jit(embed_step)
 
 
 def objective_forward(objective, model, batch):
@@ -121,18 +123,15 @@ def objective_forward(objective, model, batch):
 def evaluate(eval_step, state, rng_state, batches, objective) -> tuple[dict, Any]:
   """Accumulates exact whole-split metrics; returns (metrics, first batch with its predictions)."""
   accumulators = objective.new_accumulators()
-  loss_sum, count, first = 0.0, 0.0, None
+  count, first = 0, None
   for batch in batches:
-    loss_stats, stats, predictions = eval_step(state, rng_state, batch)
-    loss_sum += float(loss_stats["loss_sum"])
-    count += float(loss_stats["count"])
+    valid_count, stats, predictions = eval_step(state, rng_state, batch)
+    count += int(valid_count)
     for name, accumulator in accumulators.items():
       accumulator.update(jax.tree.map(np.asarray, stats[name]))
     if first is None:
       first = (batch, predictions)
-  result = {"loss": loss_sum / max(count, 1.0), "num_examples": int(count)}
-  result.update(objective.summarize(accumulators))
-  return result, first
+  return {"num_examples": count, **objective.summarize(accumulators)}, first
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,7 +153,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   sources = datasets.open_splits(config)
   objective = objectives.make_objective(config)
   labels = config_checks.required_labels(config)
-  train_indices = datasets.train_indices(config, sources["train"])
+  pretraining = config.get("objective", "supervised") == "contrastive"
+  # Self-supervised pretraining learns from every training image; labels only feed its k-NN probe.
+  train_indices = pipeline.select_indices(config, sources["train"], "all" if pretraining else "labelled")
+  probe_label = config_checks.probe_label(config)
   stats = datasets.normalization_stats(config, sources["train"], workdir)
   train_iter = pipeline.make_train_iterator(config, sources["train"], mesh, labels=labels,
                                             indices=train_indices, stats=stats)
@@ -186,8 +188,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   replicated = jax.sharding.NamedSharding(mesh, P())
   state = jax.device_put(state, replicated)
   rng_state = jax.device_put(rng_state, replicated)
-  train_step, eval_step = build_steps(graphdef, eval_graphdef, objective, schedule, config.seed,
-                                      trainable)
+  train_step, eval_step, embed_step = build_steps(graphdef, eval_graphdef, objective, schedule,
+                                                  config.seed, trainable)
+
+  def run_eval(split):
+    """Whole-split metrics, plus the k-NN probe of the representation when the config asks for one."""
+    batches = pipeline.make_eval_batches(config, sources[split], mesh, labels=labels, stats=stats)
+    result, first = evaluate(eval_step, state, rng_state, batches, objective)
+    if probe_label:
+      embed = lambda batch: embed_step(state, rng_state, batch)  # noqa: E731
+      bank = probe.collect_features(embed, pipeline.make_eval_batches(
+          config, sources["train"], mesh, labels=labels, stats=stats), probe_label,
+                                    keep_indices=pipeline.select_indices(config, sources["train"], "labelled"))
+      query = probe.collect_features(embed, pipeline.make_eval_batches(
+          config, sources[split], mesh, labels=labels, stats=stats), probe_label)
+      result["probe/knn_accuracy"] = probe.knn_accuracy(*bank, *query, k=config.probe.get("k", 20),
+                                                        num_classes=config_checks.LABELS[probe_label][1])
+    return result, first
 
   # -- Checkpoints: resume from the workdir when it holds one ---------------------------------------------
   checkpointer = checkpoint_lib.RunCheckpointer(workdir)
@@ -209,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   eval_every_epochs = config.train.get("eval_every_epochs", 1)
   checkpoint_every = config.train.get("checkpoint_every_steps", None) or steps_per_epoch
   pending, train_images, train_seconds = [], 0, 0.0
+  collapse_threshold = config.get("contrastive", {}).get("collapse_threshold", 0.05)
+  collapsed_at = None
   progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, mininterval=2.0,
                        desc="train", dynamic_ncols=True)
   step_start = time.time()
@@ -231,6 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 f"training loss became {values['loss']} at step {done - len(pending) + offset}: lower "
                 "optimizer.learning_rate, set optimizer.grad_clip_norm, or check the inputs for NaNs")
         means = {key: float(np.mean([v[key] for v in fetched])) for key in fetched[0]}
+        if "embedding_spread" in means and means["embedding_spread"] < collapse_threshold:
+          collapsed_at = collapsed_at or done
+          logging.warning("step %d: embeddings are collapsing (spread %.4f < %.4f): the projections "
+                          "map different patches to nearly the same point", done,
+                          means["embedding_spread"], collapse_threshold)
         means["images_per_second"] = len(pending) * batch_size / max(elapsed, 1e-9)
         means["epoch"] = done / steps_per_epoch
         writer.write(done, "train", means)
@@ -240,8 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         step_start = time.time()
       if done % steps_per_epoch == 0 and (done // steps_per_epoch) % eval_every_epochs == 0 \
           and done != total_steps:
-        result, _ = evaluate(eval_step, state, rng_state, pipeline.make_eval_batches(
-            config, sources["validation"], mesh, labels=labels, stats=stats), objective)
+        result, _ = run_eval("validation")
         writer.write(done, "validation", {**result, "epoch": done / steps_per_epoch})
         step_start = time.time()
       if done % checkpoint_every == 0 and done != total_steps:
@@ -254,8 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # -- Final evaluation -----------------------------------------------------------------------------------
     final, examples = {}, None
     for split in ("validation", "test"):
-      result, first = evaluate(eval_step, state, rng_state, pipeline.make_eval_batches(
-          config, sources[split], mesh, labels=labels, stats=stats), objective)
+      result, first = run_eval(split)
       final[split] = result
       writer.write(total_steps, split, {**result, "epoch": total_steps / steps_per_epoch})
       if split == "test":
@@ -276,6 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "synthetic_data": bool(synthetic_note),
       "transfer": transfer_report,
   }
+  if pretraining:
+    summary["collapsed_at_step"] = collapsed_at
   if is_main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_dir = workdir / "plots"

@@ -139,7 +139,7 @@ def _one_step(config, mesh, batch):
   model.train()
   graphdef, rng_state, state = train._split(bundle)  # pylint: disable=protected-access
   schedule = optim.make_schedule(config, steps_per_epoch=1, total_steps=1)
-  train_step, _ = train.build_steps(graphdef, eval_graphdef, objective, schedule, 0, nnx.Param)
+  train_step, _, _ = train.build_steps(graphdef, eval_graphdef, objective, schedule, 0, nnx.Param)
   replicated = jax.sharding.NamedSharding(mesh, P())
   batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, P("data")))
   with jax.set_mesh(mesh):

@@ -1,0 +1,32 @@
+"""Transfer learning: initialise an S2 classifier from an earlier run (e.g. `contrastive`) and train it.
+
+`init_from=WORKDIR` names the pretraining run. `transfer.load` maps checkpoint sub-trees onto the model
+("backbone=backbone": the dual encoder's `backbone/encoders/s2` ResNet-18 lands on the classifier's
+`backbone/encoders/s2`; its S1 encoder and projector are reported as skipped, the new head as fresh).
+Modes: `mode=finetune` (everything trains; `backbone_lr_scale=0.1` slows the backbone) or
+`mode=linear_probe` (frozen backbone and BatchNorm statistics, only the head trains).
+Task: `lulc_top` (11 land-cover classes) with a global-pool head; `label=climatezone` switches it.
+"""
+
+from configs import common
+from labeleff_jax import config_checks
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, tiny=False, synthetic=False, init_from="", mode="finetune",
+                         backbone_lr_scale=1.0, label="lulc_top", label_fraction=1.0, epochs=10, seed=42)
+  config = common.base()
+  config.seed = arg.seed
+  config.init_from = arg.init_from
+  config.data.modalities = ["s2"]
+  config.data.label_fraction = arg.label_fraction
+  config.data.stratify_by = arg.label
+  config.model.update(name="resnet18", fusion="early")
+  config.tasks = [common.task(arg.label, "classification", config_checks.LABELS[arg.label][1], head="pool")]
+  config.transfer.update(mode=arg.mode, load=["backbone=backbone"], backbone="backbone",
+                         backbone_lr_scale=arg.backbone_lr_scale)
+  rate = 1e-3 if arg.mode == "linear_probe" else 1e-4
+  config.optimizer.update(name="adam", learning_rate=rate, schedule="cosine", schedule_unit="step",
+                          decay_steps=0)
+  config.train.update(batch_size=32, num_epochs=arg.epochs)
+  return common.finalize(config, arg)
