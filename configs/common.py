@@ -87,7 +87,8 @@ def use_synthetic(config: ConfigDict, num_patches: int, *, seed: int = 0) -> Non
   """Points the config at synthetic ben-ge data, kept apart from any real data on the machine."""
   config.data.synthetic.num_patches = num_patches
   config.data.synthetic.seed = seed
-  config.data.data_dir = "./data/synthetic/tfds"
+  # One prepared folder per synthetic build: the tiny 48-patch and the 800-patch datasets share data.name.
+  config.data.data_dir = f"./data/synthetic/tfds-{num_patches}-seed{seed}"
   config.data.manual_dir = f"./data/synthetic/manual-{num_patches}-seed{seed}"
 
 
