@@ -36,7 +36,7 @@ import numpy as np
 import rasterio
 import rasterio.warp
 from rasterio.crs import CRS
-from rasterio.transform import from_origin
+from rasterio.transform import Affine
 
 from data_builders.ben_ge import world as world_model
 from labeleff_jax.data import constants
@@ -185,7 +185,7 @@ def _gdal_bytes(image, epsg, west, north, pixel_size, nodata) -> bytes:
 
 def _profile(image, epsg, west, north, pixel_size, nodata):
   profile = dict(driver="GTiff", height=image.shape[0], width=image.shape[1], count=1, dtype=image.dtype,
-                 crs=CRS.from_epsg(epsg), transform=from_origin(west, north, pixel_size, pixel_size))
+                 crs=CRS.from_epsg(epsg), transform=Affine(pixel_size, 0.0, west, 0.0, -pixel_size, north))
   if nodata is not None:
     profile["nodata"] = nodata
   return profile
@@ -293,6 +293,8 @@ def write_dataset(out_dir, name: str = "ben-ge-800", num_patches: int = 800, see
     raise ValueError(f"invalid dataset name {name!r}")
   if num_patches < 1:
     raise ValueError(f"num_patches must be positive, got {num_patches}")
+  if seed < 0:
+    raise ValueError(f"seed must be non-negative, got {seed}")
   if not 0.0 <= nodata_fraction <= 1.0:
     raise ValueError(f"nodata_fraction must be in [0, 1], got {nodata_fraction}")
   out_dir = pathlib.Path(out_dir)

@@ -465,7 +465,7 @@ def generate_rasters(meta: PatchMeta, seed: int) -> dict:
   code = meta.climate_code
 
   # Elevation: relief grows with altitude; a tilted plane adds a regional slope.
-  relief = 8.0 + 0.15 * meta.elevation
+  relief = 6.0 + 0.08 * min(meta.elevation, 2000.0)
   terrain = smooth_fields(rng, 1, scales=((3, 0.8), (7, 0.5), (16, 0.2)))[0]
   yy, xx = np.mgrid[0:PATCH, 0:PATCH] / PATCH - 0.5
   tilt = rng.normal(0.0, 0.3, 2)
@@ -488,10 +488,16 @@ def generate_rasters(meta: PatchMeta, seed: int) -> dict:
             + terrain_preference[present][:, None, None] * terrain_z[None])
   lulc = present[np.argmax(fields, axis=0)]
 
-  # Lakes are flat.
-  water = lulc == WATER
-  if water.any():
-    dem[water] = np.percentile(dem[water], 10)
+  # Water fills the lowest ground up to one level, so lakes are flat and their shores have no cliffs; the
+  # fields only decide how much water there is. Elsewhere the best land class wins.
+  water_share = np.mean(lulc == WATER)
+  water = np.zeros_like(lulc, dtype=bool)
+  if water_share > 0:
+    level = np.quantile(terrain, water_share)
+    water = terrain <= level
+    land = present != WATER
+    lulc = np.where(water, WATER, present[land][np.argmax(fields[land], axis=0)])
+    dem[water] = meta.elevation + relief * level
 
   # Sentinel-2: a clean rendering at 10 m, averaged to each band's native pixel size, then sensor noise.
   spectra = class_spectra(code, meta.season_s2, rng).astype(np.float32)
@@ -541,7 +547,7 @@ def generate_rasters(meta: PatchMeta, seed: int) -> dict:
   mean_db += 0.8 * smooth_fields(rng, 2, scales=((20, 1.0),)).transpose(1, 2, 0).astype(np.float32)
   built = lulc == BUILT
   if built.any():
-    mean_db[built] += rng.exponential(2.0, (built.sum(), 2)).astype(np.float32)
+    mean_db[built] += rng.exponential(1.0, (built.sum(), 2)).astype(np.float32)  # bright corner reflectors
   speckle = rng.standard_gamma(S1_LOOKS, mean_db.shape, dtype=np.float32) / S1_LOOKS
   s1_db = mean_db + 10.0 * np.log10(speckle)
   s1 = {band: np.ascontiguousarray(s1_db[..., i], np.float32) for i, band in enumerate(constants.S1_BANDS)}
