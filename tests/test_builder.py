@@ -256,6 +256,9 @@ def test_subset_of_the_full_dataset_uses_its_split_files(tmp_path):
                     for i in range(len(builder.as_data_source(split)))] for split in reading.SPLITS}
   assert stored == {"train": sorted(membership["train"]), "validation": sorted(membership["val"]),
                     "test": sorted(membership["test"])}
+  # A config name with both '-' and '.' resolves through TFDS's name parser too.
+  by_name = tfds.data_source("ben_ge/ben-ge-0.2", data_dir=os.fspath(tmp_path / "data"))
+  assert {split: len(by_name[split]) for split in reading.SPLITS} == {"train": 8, "validation": 2, "test": 3}
   climate = _csv_rows(folder / "ben-ge_climatezones.csv")
   example = builder.as_data_source("test")[0]
   codes = list(constants.CLIMATE_ZONE_CODES)
