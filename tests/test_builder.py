@@ -238,7 +238,8 @@ def test_unknown_config_name_is_rejected(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Split files and the full-dataset subsets.
 # ---------------------------------------------------------------------------------------------------------
-def test_subset_of_the_full_dataset_uses_its_split_files(tmp_path):
+def test_subset_of_the_full_dataset_uses_its_split_files(tmp_path, monkeypatch):
+  monkeypatch.setattr(ben_ge, "EXAMPLES_PER_SHARD", 3)  # so that a split spans several shards
   manual_dir = tmp_path / "manual"
   folder = synthetic.write_dataset(manual_dir, "ben-ge", 16, seed=2, write_splits=False)
   assert (folder / "ben-ge_climatezones.csv").is_file()  # climate zones from their own file
@@ -251,6 +252,9 @@ def test_subset_of_the_full_dataset_uses_its_split_files(tmp_path):
   for split, members in membership.items():
     (folder / "splits" / f"ben-ge-0.2_{split}.csv").write_text("\n".join(members) + "\n")
   path = ben_ge.prepare(manual_dir, tmp_path / "data", "ben-ge-0.2")
+  assert sorted(p.name for p in path.glob("ben_ge-train.*")) == [
+      f"ben_ge-train.array_record-0000{i}-of-00003" for i in range(3)]
+  assert not list(path.glob("*.writing-*"))
   builder = tfds.builder_from_directory(os.fspath(path))
   stored = {split: [_text(builder.as_data_source(split)[i]["patch_id"])
                     for i in range(len(builder.as_data_source(split)))] for split in reading.SPLITS}

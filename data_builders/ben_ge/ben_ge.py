@@ -202,8 +202,8 @@ class BenGe(tfds.core.GeneratorBasedBuilder):
       if not ids:
         raise reading.BenGeDataError(f"{folder}: split {split!r} would be empty ({len(catalog.patch_ids)} "
                                      "patches are too few)")
-    progress = tfds_utils.tqdm(total=len(catalog.patch_ids), desc="Checking raster headers",
-                                    unit=" patches", leave=False, mininterval=1.0)
+    progress = tfds_utils.tqdm(total=len(catalog.patch_ids), desc="Checking raster headers", unit=" patches",
+                               leave=False, mininterval=1.0)
     try:
       reading.check_raster_headers(catalog, progress=lambda: progress.update(1))
     finally:
@@ -223,33 +223,26 @@ class BenGe(tfds.core.GeneratorBasedBuilder):
     split_generators = self._split_generators(dl_manager)
     serializer = example_serializer.ExampleSerializer(self.info.features.get_serialized_info())
     adapter = file_adapters.ADAPTER_FOR_FORMAT[self.info.file_format]
-    limit = download_config.max_examples_per_split
+
+    def serialize(example: dict) -> bytes:
+      return serializer.serialize_example(self.info.features.encode_example(example))
+
     split_infos = []
     for split_name, generator in split_generators.items():
-      if limit is not None:
-        generator = itertools.islice(generator, limit)
+      if download_config.max_examples_per_split is not None:
+        generator = itertools.islice(generator, download_config.max_examples_per_split)
+      examples = iter(tfds_utils.tqdm(generator, desc=f"Writing {split_name}", unit=" examples", leave=False,
+                                      mininterval=1.0))
       template = self._get_filename_template(split_name=split_name)
+      # The shard count is part of every file name but known only at the end: write under temporary names.
       temporary_paths, shard_lengths, num_bytes = [], [], 0
-
-      def serialized(examples):
-        nonlocal num_bytes
-        for key, example in examples:
-          record = serializer.serialize_example(self.info.features.encode_example(example))
-          num_bytes += len(record)
-          yield key, record
-
-      examples = iter(tfds_utils.tqdm(generator, desc=f"Writing {split_name}", unit=" examples",
-                                           leave=False, mininterval=1.0))
-      while True:
-        chunk = itertools.islice(examples, EXAMPLES_PER_SHARD)
-        first = next(chunk, None)
-        if first is None:
-          break
+      while (first := next(examples, None)) is not None:
         path = pathlib.Path(f"{template.filepath_prefix()}.writing-{len(temporary_paths):05d}")
-        counter = _Counter(itertools.chain([first], chunk))
-        adapter.write_examples(path, serialized(counter))
+        shard = itertools.chain([first], itertools.islice(examples, EXAMPLES_PER_SHARD - 1))
+        count, size = _write_shard(adapter, path, shard, serialize)
         temporary_paths.append(path)
-        shard_lengths.append(counter.count)
+        shard_lengths.append(count)
+        num_bytes += size
       if not shard_lengths:
         raise reading.BenGeDataError(f"split {split_name!r} has no examples")
       for index, path in enumerate(temporary_paths):
@@ -259,17 +252,20 @@ class BenGe(tfds.core.GeneratorBasedBuilder):
     return split_infos
 
 
-class _Counter:
-  """Counts the items an iterator hands out."""
+def _write_shard(adapter, path: pathlib.Path, examples, serialize) -> tuple[int, int]:
+  """Writes (key, example) pairs to one shard as they arrive; returns (examples, serialised bytes)."""
+  count = num_bytes = 0
 
-  def __init__(self, iterator):
-    self._iterator = iterator
-    self.count = 0
+  def records():
+    nonlocal count, num_bytes
+    for key, example in examples:
+      record = serialize(example)
+      count += 1
+      num_bytes += len(record)
+      yield key, record
 
-  def __iter__(self):
-    for item in self._iterator:
-      self.count += 1
-      yield item
+  adapter.write_examples(path, records())
+  return count, num_bytes
 
 
 def config_names() -> tuple[str, ...]:
