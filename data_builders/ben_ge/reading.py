@@ -82,6 +82,8 @@ def _read_csv_columns(path: pathlib.Path, columns: Sequence[str],
           raise BenGeDataError(f"{path}, line {line_number}: {len(row)} fields, expected at least "
                                f"{needed_width} (row: {row})")
         patch_id = row[id_index].strip()
+        if not patch_id:
+          raise BenGeDataError(f"{path}, line {line_number}: empty patch_id")
         if wanted is not None and patch_id not in wanted:
           continue
         if patch_id in rows:
