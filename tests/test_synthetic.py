@@ -249,8 +249,9 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path, dataset):
 def test_geotiffs_are_byte_identical_to_rasterio_output(tmp_path):
   writer = synthetic.GeoTiffWriter()
   rng = np.random.default_rng(0)
-  kinds = [((120, 120), np.uint16, 10, None), ((60, 60), np.uint16, 20, None), ((20, 20), np.uint16, 60, None),
-           ((120, 120), np.float32, 10, None), ((120, 120), np.uint8, 10, 0), ((120, 120), np.int16, 10, None)]
+  kinds = [((120, 120), np.uint16, 10, None), ((60, 60), np.uint16, 20, None),
+           ((20, 20), np.uint16, 60, None), ((120, 120), np.float32, 10, None),
+           ((120, 120), np.uint8, 10, 0), ((120, 120), np.int16, 10, None)]
   for shape, dtype, pixel, nodata in kinds:
     for epsg, west, north in ((32629, 520020.0, 4420980.0), (32635, 401160.0, 7045200.0)):
       image = (rng.random(shape) * 250).astype(dtype)
@@ -284,7 +285,8 @@ def test_full_dataset_names_use_a_climatezone_csv_and_splits(tmp_path):
 
 
 def test_split_files_on_request(tmp_path):
-  assert not (synthetic.write_dataset(tmp_path / "a", "ben-ge-0.4", 5, write_splits=False) / "splits").exists()
+  without = synthetic.write_dataset(tmp_path / "a", "ben-ge-0.4", 5, write_splits=False)
+  assert not (without / "splits").exists()
   root = synthetic.write_dataset(tmp_path / "b", "ben-ge-800", 10, write_splits=True)
   assert sorted(p.name for p in (root / "splits").iterdir()) == [
       "ben-ge-800_test.csv", "ben-ge-800_train.csv", "ben-ge-800_val.csv"]
@@ -376,7 +378,8 @@ def test_land_cover_is_learnable_from_s2_and_from_s1_and_best_from_both(dataset)
       bands.append(np.kron(image, np.ones((factor, factor))).ravel()[chosen])  # nearest upsampling
     s2_pixels.append(np.log(np.stack(bands, 1) / 1e4 + 1e-3))
     s1 = [arrays[f"s1_{band}"][0].astype(np.float64) for band in constants.S1_BANDS]
-    s1_pixels.append(np.stack([x.ravel()[chosen] for x in s1] + [_box_mean(x).ravel()[chosen] for x in s1], 1))
+    filtered = [_box_mean(x) for x in s1]
+    s1_pixels.append(np.stack([x.ravel()[chosen] for x in s1 + filtered], axis=1))
     labels.append(classes[chosen])
     is_train.append(np.full(len(chosen), index < num_train))
   s2, s1 = np.concatenate(s2_pixels), np.concatenate(s1_pixels)

@@ -322,7 +322,7 @@ def write_dataset(out_dir, name: str = "ben-ge-800", num_patches: int = 800, see
   pool = None
   try:
     if workers > 1:
-      # spawn, not fork: the parent may be multithreaded (JAX in tests and notebooks), and forking it can deadlock.
+      # spawn, not fork: the parent may be multithreaded (JAX in tests, notebooks); forking it can deadlock.
       pool = multiprocessing.get_context("spawn").Pool(workers)
       iterator = pool.imap_unordered(_write_patch, jobs, chunksize=8)
     else:

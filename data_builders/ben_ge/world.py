@@ -203,6 +203,10 @@ def _sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
 
 
+# How strongly each class seeks high (+) or low (-) ground inside a patch, in constants.LULC_CLASSES order.
+TERRAIN_PREFERENCE = np.array([0.0, 0.0, 0.0, -0.3, -0.3, 0.7, 1.5, -1.6, -1.0, 0.0, 0.4])
+
+
 def lulc_propensity(climate_code: int, elevation: float) -> np.ndarray:
   weights = np.array(LULC_PROPENSITY[climate_code], np.float64)
   high = _sigmoid((elevation - 2300.0) / 200.0)
@@ -481,10 +485,8 @@ def generate_rasters(meta: PatchMeta, seed: int) -> dict:
   if meta.water_patch:
     mix[WATER] = max(mix[WATER], 0.85)
   noise = smooth_fields(rng, len(present))
-  terrain_preference = np.zeros(constants.NUM_LULC_CLASSES)
-  terrain_preference[[WATER, WETLAND, SNOW, BARE, MOSS, CROP, BUILT]] = (-1.6, -1.0, 1.5, 0.7, 0.4, -0.3, -0.3)
   fields = (np.log(mix[present])[:, None, None] + 1.2 * noise
-            + terrain_preference[present][:, None, None] * terrain_z[None])
+            + TERRAIN_PREFERENCE[present][:, None, None] * terrain_z[None])
   lulc = present[np.argmax(fields, axis=0)]
 
   # Water fills the lowest ground up to one level, so lakes are flat and their shores have no cliffs; the
