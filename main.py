@@ -4,6 +4,7 @@ All logic lives in `labeleff_jax.train.train_and_evaluate`; this file only parse
 on the same workdir resumes from the latest checkpoint.
 """
 
+import logging as std_logging
 import os
 
 from absl import app
@@ -18,15 +19,24 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-
                   "set automatically when JAX_COORDINATOR_ADDRESS is in the environment).")
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax and tfds (every checkpoint write) and keeps their warnings."""
+
+  def filter(self, record):
+    noisy = any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   if flags.FLAGS.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()
   from labeleff_jax import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir or os.path.join("workdirs", config.get("name", "run"))
+  workdir = flags.FLAGS.workdir or os.path.join("workdirs", "run")
   logging.info("devices: %s", jax.devices())
   summary = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
@@ -40,5 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required([])
   app.run(main)
