@@ -9,22 +9,24 @@ The model, from the top:
   (interior Iberia, western Norway, the Po valley, Greece) so that every climate zone of the code set occurs.
 - Elevation: a fixed trend of Gaussian mountain ranges (Alps, Pyrenees, Scandes, ...), times a smooth random
   relief that depends on the seed, plus per-patch hills. Inside a patch, relief is a smooth random field whose
-  amplitude grows with the mean elevation; lakes are flat.
+  amplitude grows with the mean elevation.
 - Climate: coldest- and warmest-month temperatures from latitude, continentality (longitude) and a 6.5 K/km
   lapse rate, with a little local noise; a Mediterranean summer-dry band and an arid interior-Iberia bump.
   Simplified Koeppen rules then give one of the codes of `constants.CLIMATE_ZONE_CODES`; about 2 % of the
   patches are open water and get code 0.
 - Acquisition: an S2 date over 2017-2018, an S1 date a few days away; season follows the ben-ge formula.
 - Land cover: a class mix drawn from a Dirichlet whose weights depend on the climate zone and elevation
-  (snow only high up, mangroves rare, wetland in boreal/oceanic zones); the map is the argmax of smoothed
-  random class fields plus a terrain term (water and wetland in hollows, snow and bare rock on highs), so it
-  has realistic blobs. Cropland is cut into rectangular parcels, each at its own crop stage.
+  (snow high up and in tundra, mangroves rare and only at the coast, wetland in boreal/oceanic zones); the
+  map is the argmax of smoothed random class fields plus a terrain term (wetland in hollows, snow and bare
+  rock on highs), so it has realistic blobs. Water fills the lowest ground up to one level (flat lakes).
+  Cropland is cut into rectangular parcels, each at its own crop stage.
 - Weather (ERA-5 at the S2 and S1 times): pressure falls with elevation; temperature follows the climate,
   the (lagged) season, the lapse rate and the time of day; westerly wind, stronger in winter; humidity higher
   in winter, lower in Mediterranean summers.
 - Sentinel-2: per-class reflectance spectra (water dark in the NIR, vegetation with a red edge, snow bright
   in the visible and dark in the SWIR, ...); vegetation mixes a green and a senescent spectrum by a vigour
-  that depends on the climate zone and the season; soils are brighter in dry climates; cold scenes get
+  that depends on the climate zone and the season; forests are more coniferous (darker in the NIR) in cold
+  climates; soils are brighter in dry climates; cold scenes get
   seasonal snow on open land; hill shading from the DEM; per-pixel noise. 20 m and 60 m bands are block
   averages of the 10 m rendering, so the bands agree the way real ones do.
 - Sentinel-1: per-class VH/VV backscatter in dB with multiplicative gamma speckle (4.4 looks), wind
@@ -46,7 +48,6 @@ import numpy as np
 from labeleff_jax.data import constants
 
 PATCH = constants.PATCH_SIZE
-LULC = {name: index for index, name in enumerate(constants.LULC_CLASSES)}
 TREE, SHRUB, GRASS, CROP, BUILT, BARE, SNOW, WATER, WETLAND, MANGROVE, MOSS = range(11)
 VEGETATION_CLASSES = (TREE, SHRUB, GRASS, CROP, WETLAND, MANGROVE, MOSS)
 
