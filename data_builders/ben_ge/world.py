@@ -26,9 +26,9 @@ The model, from the top:
 - Sentinel-2: per-class reflectance spectra (water dark in the NIR, vegetation with a red edge, snow bright
   in the visible and dark in the SWIR, ...); vegetation mixes a green and a senescent spectrum by a vigour
   that depends on the climate zone and the season; forests are more coniferous (darker in the NIR) in cold
-  climates; soils are brighter in dry climates; cold scenes get
-  seasonal snow on open land; hill shading from the DEM; per-pixel noise. 20 m and 60 m bands are block
-  averages of the 10 m rendering, so the bands agree the way real ones do.
+  climates; soils are brighter in dry climates; cold scenes get seasonal snow on open land; hill shading
+  from the DEM; per-pixel noise. 20 m and 60 m bands are block averages of the 10 m rendering, so the bands
+  agree the way real ones do.
 - Sentinel-1: per-class VH/VV backscatter in dB with multiplicative gamma speckle (4.4 looks), wind
   roughening on water, crop growth raising VV, terrain slope brightening, a per-patch incidence offset.
 
