@@ -23,7 +23,8 @@ def plot_curves(records: list[dict], out_dir: pathlib.Path, *, title_suffix: str
   series = collections.defaultdict(lambda: collections.defaultdict(list))
   for record in records:
     for key, value in record.items():
-      if key in ("step", "split", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
+      if key in ("step", "split", "epoch", "num_examples") or key.endswith("/count") \
+          or not isinstance(value, (int, float)) or isinstance(value, bool):
         continue
       series[key][record["split"]].append((record["step"], value))
   out_dir.mkdir(parents=True, exist_ok=True)
