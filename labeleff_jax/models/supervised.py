@@ -71,15 +71,17 @@ class SupervisedModel(nnx.Module):
     missing = [name for name in self.task_names if name not in losses]
     if missing:
       raise KeyError(f"combine_losses: no loss for task(s) {missing}; got {sorted(losses)}")
-    total = jnp.zeros((), jnp.float32)
-    for index, (name, kind, weight) in enumerate(zip(self.task_names, self.task_kinds, self.task_weights)):
-      loss = jnp.asarray(losses[name], jnp.float32)
-      if self.task_weighting == "uncertainty":
-        log_var = self.task_log_vars[index]
-        total = total + KENDALL_LOSS_SCALE[kind] * jnp.exp(-log_var) * loss + 0.5 * log_var
-      else:
-        total = total + weight * loss
-    return total
+    ordered = jnp.stack([jnp.asarray(losses[name], jnp.float32) for name in self.task_names])
+    if self.task_weighting == "uncertainty":
+      return uncertainty_weighted_sum(ordered, self.task_log_vars[...], self.task_kinds)
+    return jnp.sum(jnp.asarray(self.task_weights, jnp.float32) * ordered)
+
+
+def uncertainty_weighted_sum(losses: jax.Array, log_vars: jax.Array, kinds: Sequence[str]) -> jax.Array:
+  """Kendall et al. 2018: sum_i c_i exp(-s_i) L_i + s_i / 2 over task losses [T] and log-variances s [T]."""
+  scale = jnp.asarray([KENDALL_LOSS_SCALE[kind] for kind in kinds], jnp.float32)
+  log_vars = log_vars.astype(jnp.float32)
+  return jnp.sum(scale * jnp.exp(-log_vars) * losses + 0.5 * log_vars)
 
 
 def model_dtype(config: Any):
