@@ -2,6 +2,7 @@
 
 import csv
 import datetime
+import fcntl
 import math
 import pathlib
 import re
@@ -42,8 +43,14 @@ def all_files(root: pathlib.Path) -> dict:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
   """A 150-patch ben-ge-800-style folder, every raster read back once with rasterio."""
-  root = synthetic.write_dataset(tmp_path_factory.mktemp("synthetic"), "ben-ge-800", NUM_PATCHES, seed=0,
-                                 nodata_fraction=0.1)
+  # Written once per pytest run: the parent of the per-worker base temp is shared by all xdist workers.
+  shared = pathlib.Path(tmp_path_factory.getbasetemp()).parent / "synthetic-150"
+  shared.mkdir(parents=True, exist_ok=True)
+  with open(shared / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    root = shared / "ben-ge-800"
+    if not root.exists():
+      synthetic.write_dataset(shared, "ben-ge-800", NUM_PATCHES, seed=0, nodata_fraction=0.1)
   meta = read_csv(root / "ben-ge-800_meta.csv")
   rasters, profiles = [], []
   for row in meta:
