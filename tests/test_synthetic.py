@@ -76,6 +76,7 @@ def test_folder_holds_exactly_the_ben_ge_files(dataset):
   assert not (root / names["climatezones"]).exists()  # ben-ge-800 keeps climate zones in the meta CSV
   assert not (root / "splits").exists()
   assert "SYNTHETIC" in (root / "SYNTHETIC_README.txt").read_text()
+  assert synthetic.is_synthetic_folder(root) and not synthetic.is_synthetic_folder(root / "dem")
   expected = {"SYNTHETIC_README.txt"} | {names[k] for k in ("meta", "worldcover", "era5", "geoclusters")}
   for row in dataset["meta"]:
     expected |= set(constants.raster_paths(row["patch_id"], row["patch_id_s1"]).values())
