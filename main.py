@@ -38,6 +38,12 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("workdirs", "run")
   logging.info("devices: %s", jax.devices())
+  if config.get("experiment", None):  # a runner of many trainings (label-fraction sweep, modality ablation)
+    from labeleff_jax import experiments  # pylint: disable=g-import-not-at-top
+    results = experiments.run(config, workdir)
+    if jax.process_index() == 0:
+      print(f"\n{results['markdown']}\nresults: {os.path.abspath(results['results_md'])}")
+    return
   summary = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     final = summary["final"].get("test", {})
