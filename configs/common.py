@@ -30,9 +30,11 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
 
 
 def task(name: str, kind: str, num_classes: int, *, label: str | None = None, weight: float = 1.0,
-         head: str = "reference") -> ConfigDict:
+         head: str = "reference", dropout: float | None = None) -> ConfigDict:
+  """One head of a model. `dropout=None` keeps the head's reference default (0.5 classification, 0.1
+  regression, none for pooled heads)."""
   return ConfigDict(dict(name=name, kind=kind, label=label or name, num_classes=num_classes,
-                         weight=weight, head=head))
+                         weight=weight, head=head, dropout=dropout))
 
 
 def base() -> ConfigDict:
