@@ -71,8 +71,10 @@ def plot_examples(examples: dict, predictions: dict, tasks, path: pathlib.Path, 
     if "s2" in inputs:
       ax.imshow(s2_rgb(inputs["s2"][row]))
     else:
-      first = next(value for value in inputs.values() if value.ndim == 4)
-      ax.imshow(first[row, ..., 0], cmap="gray")
+      # Vector-only inputs (season, climate zone, weather) leave this panel without an image.
+      first = next((value for value in inputs.values() if value.ndim == 4), None)
+      if first is not None:
+        ax.imshow(first[row, ..., 0], cmap="gray")
     lines = []
     for task in tasks:
       if task.kind in ("classification", "regression") and task.name in predictions:
