@@ -31,7 +31,8 @@ def _with_data(config, data_dirs):
 def pretrained(data_dirs, tmp_path_factory):
   """A tiny S2/S1 dual-encoder pretraining run (4 epochs of 4 steps)."""
   workdir = tmp_path_factory.mktemp("pretrain")
-  config = _with_data(contrastive.get_config("tiny,epochs=4"), data_dirs)
+  config = _with_data(contrastive.get_config("tiny"), data_dirs)
+  config.train.num_epochs = 4
   config.optimizer.learning_rate = 3e-3
   config.train.log_every_steps = 1
   summary = train.train_and_evaluate(config, workdir)
@@ -59,7 +60,7 @@ def test_contrastive_pretraining_lowers_the_loss_and_logs_its_diagnostics(pretra
 
 
 def _finetune(data_dirs, init_from, workdir, mode):
-  config = _with_data(finetune.get_config(f"tiny,init_from={init_from},mode={mode},epochs=1"), data_dirs)
+  config = _with_data(finetune.get_config(f"tiny,init_from={init_from},mode={mode}"), data_dirs)
   config.optimizer.learning_rate = 1e-2
   return train.train_and_evaluate(config, workdir)
 
