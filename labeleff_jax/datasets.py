@@ -6,6 +6,7 @@ first write a synthetic ben-ge folder there. Everything else fails with the comm
 """
 
 import json
+import os
 import pathlib
 
 from absl import logging
@@ -39,7 +40,7 @@ def ensure_prepared(config: ml_collections.ConfigDict) -> pathlib.Path:
                  manual_dir)
     if jax.process_index() == 0:
       synthetic.write_dataset(manual_dir, name=name, num_patches=config.data.synthetic.num_patches,
-                              seed=config.data.synthetic.get("seed", 0))
+                              seed=config.data.synthetic.get("seed", 0), workers=min(2, os.cpu_count() or 1))
   if not ((manual_dir / name).exists() or (manual_dir / f"{name}.tar.gz").exists()):
     raise FileNotFoundError(
         f"dataset {name!r} is not prepared under {data_dir} and {manual_dir} holds neither {name}/ nor "
