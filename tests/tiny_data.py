@@ -11,8 +11,9 @@ NAME = "ben-ge-800"
 def prepared(tmp_path_factory) -> dict:
   """{'data_dir', 'manual_dir'} of the tiny dataset, written and prepared once (file-locked across workers)."""
   from data_builders.ben_ge import ben_ge, synthetic  # pylint: disable=g-import-not-at-top
-  # The parent of the per-worker base temp is shared by all xdist workers of one run.
-  root = pathlib.Path(tmp_path_factory.getbasetemp()).parent / "tiny-ben-ge"
+  # xdist gives each worker its own base temp (.../pytest-N/popen-gwK): share their parent, one per run.
+  base = pathlib.Path(tmp_path_factory.getbasetemp())
+  root = (base.parent if base.name.startswith("popen-gw") else base) / "tiny-ben-ge"
   root.mkdir(parents=True, exist_ok=True)
   manual_dir, data_dir = root / "manual", root / "tfds"
   with open(root / ".lock", "w") as lock:
