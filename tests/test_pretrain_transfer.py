@@ -107,3 +107,14 @@ def test_linear_probe_without_a_pretrained_run_is_an_error(data_dirs, tmp_path):
   with pytest.raises(transfer.TransferError, match="needs config.init_from"):
     train.train_and_evaluate(config, tmp_path)
 
+
+
+def test_simclr_two_views_run_end_to_end(data_dirs, tmp_path):
+  from configs import simclr  # pylint: disable=g-import-not-at-top
+  config = _with_data(simclr.get_config("tiny,optimizer=lars"), data_dirs)
+  config.train.num_epochs = 1
+  summary = train.train_and_evaluate(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if r["split"] == "train"]
+  assert train_records and all(np.isfinite(r["loss"]) and 0 < r["embedding_spread"] for r in train_records)
+  assert 0.0 <= summary["final"]["test"]["probe/knn_accuracy"] <= 1.0
