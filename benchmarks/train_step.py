@@ -1,0 +1,329 @@
+"""Benchmark: the supervised U-Net train step (images/s, compile time, peak RSS) in JAX vs the PyTorch reference.
+
+    python benchmarks/train_step.py [--torch-python /tmp/torchvenv/bin/python] [--quick]
+        [--batches 8,32] [--out benchmarks/results/train_step.json]
+
+The JAX step is the engine's own: configs/supervised.py (the reference U-Net, 17,445,389 parameters, SGD
+lr 1e-4), `models.create_model`, `optim.make_optimizer`, `train.build_steps` (donated state) on a 1-device
+mesh, random 120x120x12 inputs. Every configuration (batch x compute dtype x XLA_FLAGS) runs in a fresh
+subprocess: XLA_FLAGS must be set before jax is imported, and XLA:CPU has no memory statistics, so the peak
+RSS of the child (os.wait4) is the memory figure. The torch configurations (torch_reference.py's `step` in
+float32, benchmarks/torch_step.py under bf16 autocast) run interleaved with the JAX ones, so a change of the
+machine's load hits both sides; the JSON records the load average around every measurement.
+
+oneDNN numerics: every JAX configuration reports the loss and gradient norm of its first step (same seed,
+same inputs); the JSON compares them with and without `--xla_cpu_use_onednn=true`.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TORCH_REFERENCE = REPO.parent / "shared" / "bench" / "torch_reference.py"
+TORCH_STEP = REPO / "benchmarks" / "torch_step.py"
+ONEDNN = "--xla_cpu_use_onednn=true"
+THREADS = 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Child side: one JAX configuration, run by `train_step.py --worker JSON`.
+# ---------------------------------------------------------------------------------------------------------
+def random_batch(config, batch_size: int, seed: int = 0) -> dict:
+  """A global batch shaped like the pipeline's: inputs per modality (NHWC), labels, valid mask."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from labeleff_jax.data import constants  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  size = config.data.image_size
+  inputs = {m: rng.uniform(0, 1, (batch_size, size, size, constants.MODALITIES[m])).astype(np.float32)
+            for m in config.data.modalities}
+  labels = {t.label: rng.integers(0, t.num_classes, (batch_size,)).astype(np.int32) for t in config.tasks}
+  return {"inputs": inputs, "labels": labels, "valid": np.ones((batch_size,), bool),
+          "index": np.arange(batch_size, dtype=np.int32)}
+
+
+def run_jax_step(config, *, warmup: int, steps: int) -> dict:
+  """Builds the engine's donated train step for `config`, compiles it, runs warm-up and timed steps."""
+  import flax.nnx as nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import models, objectives, optim, train  # pylint: disable=g-import-not-at-top
+
+  P = jax.sharding.PartitionSpec
+  batch_size = config.train.batch_size
+  mesh = train.make_mesh(config)
+  start = time.perf_counter()
+  model = models.create_model(config, rngs=nnx.Rngs(config.seed))
+  num_params = models.count_params(model)
+  objective = objectives.make_objective(config)
+  schedule = optim.make_schedule(config, steps_per_epoch=100, total_steps=1000)
+  tx = optim.make_optimizer(config, steps_per_epoch=100, total_steps=1000)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  bundle = {"model": model, "optimizer": optimizer}
+  model.eval()
+  eval_graphdef, _, _ = train._split(bundle)  # pylint: disable=protected-access
+  model.train()
+  graphdef, rng_state, state = train._split(bundle)  # pylint: disable=protected-access
+  del model, optimizer, bundle
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  state = jax.device_put(state, replicated)
+  rng_state = jax.device_put(rng_state, replicated)
+  batch = jax.device_put(random_batch(config, batch_size), jax.sharding.NamedSharding(mesh, P("data")))
+  train_step, _, _ = train.build_steps(graphdef, eval_graphdef, objective, schedule, config.seed, nnx.Param)
+  jax.block_until_ready((state, batch))
+  build_s = time.perf_counter() - start
+
+  with jax.set_mesh(mesh):
+    step_arg = jnp.asarray(0, jnp.int32)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, rng_state, batch, step_arg).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    state, metrics = compiled(state, rng_state, batch, step_arg)
+    metrics = jax.device_get(metrics)
+    first_step_s = time.perf_counter() - start
+    for i in range(warmup):
+      state, _ = compiled(state, rng_state, batch, jnp.asarray(1 + i, jnp.int32))
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(steps):
+      state, last = compiled(state, rng_state, batch, jnp.asarray(1 + warmup + i, jnp.int32))
+    jax.block_until_ready((state, last))
+    step_s = (time.perf_counter() - start) / steps
+  return {"images_per_s": batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
+          "first_step_s": first_step_s, "build_s": build_s, "num_params": int(num_params),
+          "first_loss": float(metrics["loss"]), "first_grad_norm": float(metrics["grad_norm"]),
+          "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps}
+
+
+def supervised_config(batch_size: int, dtype: str):
+  from configs import supervised  # pylint: disable=g-import-not-at-top
+  config = supervised.get_config()
+  config.unlock()
+  config.train.batch_size = batch_size
+  config.train.compute_dtype = dtype
+  config.mesh.data = 1
+  return config
+
+
+def worker(spec: dict) -> dict:
+  if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+  if spec["bench"] == "supervised":
+    config = supervised_config(spec["batch"], spec["dtype"])
+  else:
+    from configs import contrastive  # pylint: disable=g-import-not-at-top
+    config = contrastive.get_config()
+    config.unlock()
+    config.train.batch_size = spec["batch"]
+    config.train.compute_dtype = spec["dtype"]
+    config.mesh.data = 1
+  return run_jax_step(config, warmup=spec["warmup"], steps=spec["steps"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent side: subprocesses, peak RSS, load, environment.
+# ---------------------------------------------------------------------------------------------------------
+def run_child(argv: list[str], env_updates: dict | None = None) -> dict:
+  """Runs argv, parses the last stdout line as JSON, adds wall time, peak RSS (os.wait4) and the load."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env.update({"OMP_NUM_THREADS": str(THREADS), **(env_updates or {})})
+  load_before = os.getloadavg()[0]
+  start = time.perf_counter()
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read().decode(), err.read().decode()
+  wall = time.perf_counter() - start
+  if process.returncode != 0:
+    return {"error": f"exit {process.returncode}: {stderr[-2000:]}"}
+  result = json.loads(stdout.strip().splitlines()[-1])
+  result.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), wall_s=round(wall, 1),
+                load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+  return result
+
+
+def run_jax(bench: str, batch: int, dtype: str, onednn: bool, warmup: int, steps: int) -> dict:
+  spec = {"bench": bench, "batch": batch, "dtype": dtype, "warmup": warmup, "steps": steps}
+  env = {"XLA_FLAGS": ONEDNN} if onednn else {}
+  result = run_child([sys.executable, __file__, "--worker", json.dumps(spec)], env)
+  result.update(framework="jax", batch=batch, dtype=dtype, xla_flags=env.get("XLA_FLAGS", ""))
+  log(result)
+  return result
+
+
+def run_torch(torch_python: str, model: str, batch: int, autocast: bool, warmup_unused: int,
+              steps: int) -> dict:
+  if model == "unet" and not autocast:  # the reference's own command, as the issue asks
+    argv = [torch_python, str(TORCH_REFERENCE), "step", str(batch), str(steps)]
+  else:
+    argv = [torch_python, str(TORCH_STEP), model, str(batch), str(steps), "--threads", str(THREADS)]
+    if autocast:
+      argv.append("--autocast")
+  result = run_child(argv)
+  result.update(framework="torch", batch=batch, dtype="bfloat16 autocast" if autocast else "float32",
+                command=" ".join(argv[1:]))
+  log(result)
+  return result
+
+
+def log(result: dict) -> None:
+  keys = ("framework", "batch", "dtype", "xla_flags", "images_per_s", "step_s", "compile_s", "peak_rss_mib",
+          "load_avg_1m", "error")
+  print(json.dumps({k: result[k] for k in keys if k in result}), file=sys.stderr, flush=True)
+
+
+def environment(torch_python: str | None) -> dict:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import numpy  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  cpu = "unknown"
+  flags = ""
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name") and cpu == "unknown":
+        cpu = line.split(":", 1)[1].strip()
+      if line.startswith("flags") and not flags:
+        flags = line.split(":", 1)[1]
+  env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
+         "cpu_count": os.cpu_count(), "cpu_simd": sorted(f for f in flags.split() if f.startswith(("avx", "amx"))),
+         "load_avg_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+         "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+         "optax": optax.__version__, "numpy": numpy.__version__,
+         "xla_flags_parent": os.environ.get("XLA_FLAGS", ""), "threads": THREADS}
+  if torch_python:
+    probe = subprocess.run([torch_python, "-c", "import torch; print(torch.__version__, "
+                            "torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True,
+                           check=False)
+    env["torch"], _, env["torch_cpu_capability"] = probe.stdout.strip().partition(" ")
+  return env
+
+
+def ratio(a: dict | None, b: dict | None) -> float | None:
+  if not a or not b or "images_per_s" not in a or "images_per_s" not in b:
+    return None
+  return round(a["images_per_s"] / b["images_per_s"], 3)
+
+
+def relative_difference(a: float, b: float) -> float:
+  return abs(a - b) / max(abs(a), abs(b), 1e-30)
+
+
+def numerics(runs: list[dict]) -> list[dict]:
+  """First-step loss and gradient norm with vs without oneDNN, same seed and inputs."""
+  rows = []
+  for plain in runs:
+    if plain.get("framework") != "jax" or plain["xla_flags"] or "first_loss" not in plain:
+      continue
+    for other in runs:
+      if (other.get("framework") == "jax" and other["xla_flags"] == ONEDNN and other["batch"] == plain["batch"]
+          and other["dtype"] == plain["dtype"] and "first_loss" in other):
+        rows.append({"batch": plain["batch"], "dtype": plain["dtype"],
+                     "loss": [plain["first_loss"], other["first_loss"]],
+                     "grad_norm": [plain["first_grad_norm"], other["first_grad_norm"]],
+                     "loss_rel_diff": relative_difference(plain["first_loss"], other["first_loss"]),
+                     "grad_norm_rel_diff": relative_difference(plain["first_grad_norm"],
+                                                               other["first_grad_norm"])})
+  return rows
+
+
+def find(runs, **match):
+  for run in runs:
+    if all(run.get(k) == v for k, v in match.items()) and "images_per_s" in run:
+      return run
+  return None
+
+
+def best(runs, **match):
+  hits = [r for r in runs if all(r.get(k) == v for k, v in match.items()) and "images_per_s" in r]
+  return max(hits, key=lambda r: r["images_per_s"]) if hits else None
+
+
+def summarize(runs: list[dict], batches: list[int]) -> dict:
+  """JAX/torch images/s ratios per batch size, and the issue's goals."""
+  out = {}
+  for b in batches:
+    torch32 = find(runs, framework="torch", batch=b, dtype="float32")
+    torch16 = find(runs, framework="torch", batch=b, dtype="bfloat16 autocast")
+    j32 = find(runs, framework="jax", batch=b, dtype="float32", xla_flags="")
+    j32d = find(runs, framework="jax", batch=b, dtype="float32", xla_flags=ONEDNN)
+    j16 = find(runs, framework="jax", batch=b, dtype="bfloat16", xla_flags="")
+    j16d = find(runs, framework="jax", batch=b, dtype="bfloat16", xla_flags=ONEDNN)
+    best32 = best(runs, framework="jax", batch=b, dtype="float32")
+    best16 = best(runs, framework="jax", batch=b, dtype="bfloat16")
+    best_jax = best(runs, framework="jax", batch=b)
+    best_torch = best(runs, framework="torch", batch=b)
+    row = {
+        "fp32_default_vs_torch_fp32": ratio(j32, torch32),
+        "fp32_onednn_vs_torch_fp32": ratio(j32d, torch32),
+        "bf16_default_vs_torch_autocast": ratio(j16, torch16),
+        "bf16_onednn_vs_torch_autocast": ratio(j16d, torch16),
+        "best_jax_vs_torch_fp32": ratio(best_jax, torch32),
+        "best_jax_vs_best_torch": ratio(best_jax, best_torch),
+        "best_jax": best_jax and {k: best_jax[k] for k in ("dtype", "xla_flags", "images_per_s")},
+        "best_torch": best_torch and {k: best_torch[k] for k in ("dtype", "images_per_s")},
+    }
+    fp32_ratio, bf16_ratio = ratio(best32, torch32), ratio(best16, torch16)
+    row["goal_fp32_1.5x_torch"] = None if fp32_ratio is None else {"ratio": fp32_ratio, "met": fp32_ratio >= 1.5}
+    row["goal_bf16_1x_autocast"] = None if bf16_ratio is None else {"ratio": bf16_ratio, "met": bf16_ratio >= 1.0}
+    out[f"batch_{b}"] = row
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  parser.add_argument("--torch-python", help="python of a venv with torch (e.g. /tmp/torchvenv/bin/python)")
+  parser.add_argument("--quick", action="store_true", help="batch 8 only")
+  parser.add_argument("--batches", default="8,32")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--onednn", default="off,on", help="XLA_FLAGS variants: off, on or off,on")
+  parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+
+  batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
+  dtypes = args.dtypes.split(",")
+  variants = [v == "on" for v in args.onednn.split(",")]
+  # Few steps: the reference step takes ~30 s at batch 32 on this CPU.
+  schedule = {8: (1, 3), 32: (1, 2)}
+  env = environment(args.torch_python)
+  print(json.dumps({"environment": env}), file=sys.stderr, flush=True)
+  runs = []
+  for b in batches:
+    warmup, steps = schedule.get(b, (1, 2))
+    for dtype in dtypes:
+      # Interleaved: torch sits between the two JAX variants of the same dtype.
+      runs.append(run_jax("supervised", b, dtype, variants[0], warmup, steps))
+      if args.torch_python:
+        runs.append(run_torch(args.torch_python, "unet", b, dtype == "bfloat16", warmup, steps))
+      for onednn in variants[1:]:
+        runs.append(run_jax("supervised", b, dtype, onednn, warmup, steps))
+  env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+  report = {"benchmark": "supervised U-Net train step (configs/supervised.py, 120x120x12, SGD lr 1e-4)",
+            "command": " ".join(["python", "benchmarks/train_step.py"] + sys.argv[1:]),
+            "environment": env, "runs": runs, "ratios": summarize(runs, batches),
+            "onednn_numerics": numerics(runs)}
+  text = json.dumps(report, indent=2)
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(args.out).write_text(text + "\n")
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
