@@ -154,6 +154,24 @@ def test_initialisers_follow_torch():
   assert resnet_weights.std() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.03)
 
 
+@pytest.mark.parametrize("shape, kernel, stride, pad", [
+    ((2, 9, 9, 3), 3, 1, 1), ((2, 11, 10, 3), 7, 2, 3), ((2, 8, 8, 4), 1, 2, 0), ((2, 9, 9, 4), 3, 2, 1)])
+def test_conv_kernel_gradient_matches_xla(shape, kernel, stride, pad):
+  rng = np.random.default_rng(kernel * 10 + stride)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 5)), jnp.float32)
+  padding = ((pad, pad), (pad, pad))
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+  def loss(conv_fn, x, w):
+    return jnp.sum(jnp.sin(conv_fn(x, w, (stride, stride), padding, dimension_numbers=numbers)))
+
+  ours = jax.grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1))(x, w)
+  xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))(x, w)
+  np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours[1], xla[1], rtol=1e-4, atol=1e-4)
+
+
 def test_max_pool_drops_odd_edge_like_torch():
   x = np.random.default_rng(1).normal(size=(2, 7, 5, 3)).astype(np.float32)
   expected = np.array([[x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2)) for j in range(2)]

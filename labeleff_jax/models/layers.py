@@ -72,6 +72,75 @@ def resolve_dtype(name: str) -> Any:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Convolution with a fast kernel gradient on CPU. XLA:CPU lowers the kernel gradient of a convolution to a
+# convolution whose "kernel" is the whole output map, which runs at a few GFLOP/s: at 120 px it took 2-9x
+# the time of the forward convolution (e.g. 5.7 s vs 0.6 s for 128 -> 64 channels, batch 8). The kernel
+# gradient is a sum over positions of input patches times output gradients, i.e. one matmul per kernel tap
+# (kh * kw matmuls contracting over batch and positions), which runs 2-8x faster here and made the float32
+# U-Net train step 1.4x faster (batch 4: 13.3 s -> 9.6 s on the loaded 2-core CPU). Im2col (one GEMM over
+# all taps) and flattened-offset variants were measured too and were slower. The input gradient stays
+# XLA's own (a plain convolution, already fast).
+# ---------------------------------------------------------------------------------------------------------
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_nhwc(x, w, strides, padding):
+  return _xla_conv(x, w, strides, padding)
+
+
+def _conv_nhwc_fwd(x, w, strides, padding):
+  return _xla_conv(x, w, strides, padding), (x, w)
+
+
+def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple, strides, padding) -> jax.Array:
+  """d(loss)/d(kernel) of an NHWC/HWIO convolution: for each tap (i, j), patches(i, j)^T @ dy."""
+  kh, kw, cin, cout = kernel_shape
+  batch, out_h, out_w, _ = dy.shape
+  (top, bottom), (left, right) = padding
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  dy2 = dy.reshape(-1, cout)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      patch = jax.lax.slice(
+          xp, (0, i, j, 0), (batch, i + strides[0] * (out_h - 1) + 1, j + strides[1] * (out_w - 1) + 1, cin),
+          (1, strides[0], strides[1], 1))
+      taps.append(jax.lax.dot_general(patch.reshape(-1, cin), dy2, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32))
+  return jnp.stack(taps).reshape(kernel_shape)
+
+
+def _conv_nhwc_bwd(strides, padding, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
+  (dx,) = input_vjp(dy)
+  return dx, kernel_gradient(x, dy, w.shape, strides, padding).astype(w.dtype)
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """Drop-in for lax.conv_general_dilated (nnx.Conv's hook): plain NHWC/HWIO convolutions with explicit
+  padding get the fast kernel gradient, anything else goes to lax unchanged."""
+  plain = (
+      lhs.ndim == 4 and not isinstance(padding, str) and feature_group_count == 1 and precision is None
+      and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+      and kwargs.get("preferred_element_type") is None and kwargs.get("out_sharding") is None
+      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if not plain:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+  return _conv_nhwc(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+
+
 def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
          use_bias: bool = True, kernel_init=torch_default_kernel_init, dtype=jnp.float32,
          rngs: nnx.Rngs) -> nnx.Conv:
@@ -81,7 +150,7 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int =
       in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride),
       padding=((padding, padding), (padding, padding)), use_bias=use_bias,
       kernel_init=kernel_init, bias_init=torch_default_bias_init(fan_in),
-      dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+      dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def linear(in_features: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
