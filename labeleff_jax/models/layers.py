@@ -120,7 +120,16 @@ def _conv_nhwc_bwd(strides, padding, residuals, dy):
   x, w = residuals
   _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
   (dx,) = input_vjp(dy)
-  return dx, kernel_gradient(x, dy, w.shape, strides, padding).astype(w.dtype)
+
+  def xla_kernel_gradient(x, dy):
+    return jax.vjp(lambda w: _xla_conv(x, w, strides, padding), w)[1](dy)[0]
+
+  def matmul_kernel_gradient(x, dy):
+    return kernel_gradient(x, dy, w.shape, strides, padding).astype(w.dtype)
+
+  # Only XLA:CPU needs the rewrite; GPU/TPU backends have fast kernel-gradient convolutions of their own.
+  dw = jax.lax.platform_dependent(x, dy, cpu=matmul_kernel_gradient, default=xla_kernel_gradient)
+  return dx, dw
 
 
 _conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
