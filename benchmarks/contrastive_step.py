@@ -1,0 +1,63 @@
+"""Benchmark: the contrastive dual-encoder train step (pairs/s, compile time, peak RSS), JAX vs PyTorch.
+
+    python benchmarks/contrastive_step.py [--torch-python /tmp/torchvenv/bin/python] [--quick]
+        [--dtypes float32,bfloat16] [--onednn off,on] [--out benchmarks/results/contrastive_step.json]
+
+Same conventions as benchmarks/train_step.py (one fresh subprocess per configuration, peak RSS from
+os.wait4, torch interleaved with JAX, load average recorded). The JAX step is the engine's: the default
+configs/contrastive.py (two ResNet-18 for S2 (12 ch) and S1 (2 ch), shared projector, 22,772,096
+parameters, NT-Xent at temperature 0.1, Adam 3e-4) at batch 64 pairs of 120x120 patches. The torch side is
+torch_reference.py's DualEncoder with the same NT-Xent and Adam (benchmarks/torch_step.py dual).
+`images_per_s` in the runs counts pairs. `--quick`: float32 only.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import train_step as bench  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+BATCH = 64
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--torch-python", help="python of a venv with torch (e.g. /tmp/torchvenv/bin/python)")
+  parser.add_argument("--quick", action="store_true", help="float32 only")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--onednn", default="off,on", help="XLA_FLAGS variants: off, on or off,on")
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--out", default=str(bench.REPO / "benchmarks" / "results" / "contrastive_step.json"))
+  args = parser.parse_args()
+  dtypes = ["float32"] if args.quick else args.dtypes.split(",")
+  variants = [v == "on" for v in args.onednn.split(",")]
+  env = bench.environment(args.torch_python)
+  runs = []
+  for dtype in dtypes:
+    runs.append(bench.run_jax("contrastive", BATCH, dtype, variants[0], args.warmup, args.steps))
+    if args.torch_python:
+      runs.append(bench.run_torch(args.torch_python, "dual", BATCH, dtype == "bfloat16", args.warmup,
+                                  args.steps))
+    for onednn in variants[1:]:
+      runs.append(bench.run_jax("contrastive", BATCH, dtype, onednn, args.warmup, args.steps))
+  for run in runs:  # the unit of this benchmark is a S2/S1 pair
+    if "images_per_s" in run:
+      run["pairs_per_s"] = run["images_per_s"]
+  env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+  report = {"benchmark": "contrastive dual-encoder train step (configs/contrastive.py, batch 64 S2/S1 pairs, "
+                         "120x120, NT-Xent, Adam 3e-4); images_per_s = pairs/s",
+            "command": " ".join(["python", "benchmarks/contrastive_step.py"] + sys.argv[1:]),
+            "environment": env, "runs": runs, "ratios": bench.summarize(runs, [BATCH]),
+            "onednn_numerics": bench.numerics(runs)}
+  text = json.dumps(report, indent=2)
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(args.out).write_text(text + "\n")
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
