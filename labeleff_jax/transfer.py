@@ -2,8 +2,10 @@
 
 `config.init_from` names a run workdir (or its checkpoints/ folder, or one step folder).
 `config.transfer.load` is a list of "SOURCE=TARGET" path prefixes (slash-separated paths in the model's
-state, e.g. "encoder_a=backbone": the dual encoder's S2 ResNet into a classifier's backbone); an empty
-list means "same paths". Every source array under SOURCE is copied to the same relative path under
+state); an empty list means "same paths". Every model keeps its trunk at `backbone` and each encoder at
+`backbone/encoders/<modality>`, so "backbone=backbone" moves the dual encoder's S2 ResNet-18
+(`backbone/encoders/s2`) into an S2 classifier, and "backbone/encoders/s1=backbone/encoders/s1" would
+move only the S1 one. Every source array under SOURCE is copied to the same relative path under
 TARGET. The restore reports what it loaded, which checkpoint arrays it skipped and which model arrays
 stay freshly initialised, and it fails on any shape mismatch or on a mapping that matches nothing.
 
