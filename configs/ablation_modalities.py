@@ -49,7 +49,7 @@ def get_config(arg=None):
 
   config = common.ConfigDict()
   config.experiment = "modality_ablation"
-  config.command = f"python main.py --config configs/ablation_modalities.py:{raw_arg} --workdir DIR"
+  config.command = f"python main.py --config configs/ablation_modalities.py{':' if raw_arg else ''}{raw_arg} --workdir DIR"
   config.rows = list(modality_ablation.PAPER_ROWS) if arg.rows == "all" else arg.rows.split(":")
   config.fusion = arg.fusion
   config.task_mode = arg.task_mode

@@ -52,7 +52,7 @@ def get_config(arg=None):
 
   config = common.ConfigDict()
   config.experiment = "label_fraction_sweep"
-  config.command = f"python main.py --config configs/sweep_label_fraction.py:{raw_arg} --workdir DIR"
+  config.command = f"python main.py --config configs/sweep_label_fraction.py{':' if raw_arg else ''}{raw_arg} --workdir DIR"
   config.seeds = list(range(arg.seeds))
   config.fractions = [float(f) for f in arg.fractions.split(":")]
   config.methods = arg.methods.split(":")

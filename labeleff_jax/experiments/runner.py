@@ -13,7 +13,6 @@ import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from absl import logging
 import jax
 import ml_collections
 import tqdm
@@ -117,9 +116,8 @@ def execute(runs: Sequence[Run], root: str | pathlib.Path, *, split: str = "test
     records.append({**run.keys, **metrics, "workdir": run.name, "skipped": outcome.startswith("done"),
                     "seconds": summary.get("wall_clock_seconds")})
     progress.set_postfix(trained=ran, skipped=skipped)
-    message = f"{run.name}: {outcome}"
-    logging.info(message)
-    progress.write(message)
+    if jax.process_index() == 0:
+      progress.write(f"{run.name}: {outcome}")
   progress.close()
   return records
 
