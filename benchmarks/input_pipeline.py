@@ -439,6 +439,21 @@ def reencoded_dataset(data_root: pathlib.Path, source_dir: pathlib.Path, options
 # ---------------------------------------------------------------------------------------------------------
 # The builder.
 # ---------------------------------------------------------------------------------------------------------
+# Runs the build (argv[2:]) with its output in the file argv[1]; prints its wall time and rusage as JSON.
+# Linux carries the peak RSS of the process that forks a child into the child's ru_maxrss (exec keeps it),
+# so launched straight from this process (~1 GB with JAX loaded) every build reported ~1 GB. This small
+# launcher is what the build forks from instead.
+_BUILD_LAUNCHER = """
+import json, os, subprocess, sys, time
+with open(sys.argv[1], "w") as log:
+  start = time.perf_counter()
+  child = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+  _, status, usage = os.wait4(child.pid, 0)
+print(json.dumps({"wall_s": time.perf_counter() - start, "exit_code": os.waitstatus_to_exitcode(status),
+                  "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kib": usage.ru_maxrss}))
+"""
+
+
 def measure_builder(data_root: pathlib.Path, num_patches: int) -> dict:
   """Runs the build CLI in a child process on `num_patches` synthetic patches; wall, CPU and peak RSS."""
   manual_dir, _ = raw_dataset(data_root, num_patches)
@@ -447,29 +462,27 @@ def measure_builder(data_root: pathlib.Path, num_patches: int) -> dict:
   if out_dir.exists():
     shutil.rmtree(out_dir)  # a build must start from nothing, or it returns at once
   out_dir.mkdir(parents=True)
-  command = [sys.executable, "-m", "data_builders.ben_ge.build", "--manual_dir", str(manual_dir),
-             "--data_dir", str(out_dir), "--config", name]
+  log = data_root / "builds" / f"{num_patches}.log"
+  command = [sys.executable, "-c", _BUILD_LAUNCHER, str(log), sys.executable, "-m",
+             "data_builders.ben_ge.build", "--manual_dir", str(manual_dir), "--data_dir", str(out_dir),
+             "--config", name]
   print(f"building {name} from {num_patches} patches ...", file=sys.stderr, flush=True)
   load_before = _load_average()
-  with open(data_root / "builds" / f"{num_patches}.log", "w") as log:
-    start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    # wait4 gives this child's own rusage (RUSAGE_CHILDREN would mix in every other child of this process).
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-  child.returncode = os.waitstatus_to_exitcode(status)
-  if child.returncode:
-    raise RuntimeError(f"build failed ({child.returncode}); see {log.name}")
+  launched = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, check=True)
+  # wait4 in the launcher: the rusage of the build alone (ru_maxrss in KiB on Linux).
+  usage = json.loads(launched.stdout)
+  if usage["exit_code"]:
+    raise RuntimeError(f"build failed ({usage['exit_code']}); see {log}")
+  wall, cpu = usage["wall_s"], usage["cpu_s"]
   from data_builders.ben_ge import ben_ge, build  # pylint: disable=g-import-not-at-top
   dataset_dir = ben_ge.dataset_dir(out_dir, name)
   splits = build.split_sizes(dataset_dir)
   patches = sum(splits.values())
-  cpu = usage.ru_utime + usage.ru_stime
   result = {
       "patches": patches, "config": name, "splits": splits, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
       "patches_per_s_wall": round(patches / wall, 2), "patches_per_s_cpu": round(patches / cpu, 2),
-      "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+      "peak_rss_mib": round(usage["maxrss_kib"] / 1024, 1),
       "prepared_bytes": _disk_bytes(dataset_dir), "writer_options": shard_writer_options(dataset_dir),
       "load_average_before": load_before, "load_average_after": _load_average(),
   }
