@@ -1,4 +1,4 @@
-"""Label-fraction sweep: scratch vs contrastive pretraining + fine-tune / linear probe, over fractions and seeds.
+"""Label-fraction sweep: scratch vs contrastive pretraining + fine-tune / linear probe, over fractions, seeds.
 
 `python main.py --config configs/sweep_label_fraction.py:ARGS --workdir DIR` runs every run of the sweep
 (skipping those already finished) and writes DIR/results.md, DIR/results.csv and DIR/*_vs_fraction.png.
@@ -52,7 +52,8 @@ def get_config(arg=None):
 
   config = common.ConfigDict()
   config.experiment = "label_fraction_sweep"
-  config.command = f"python main.py --config configs/sweep_label_fraction.py{':' if raw_arg else ''}{raw_arg} --workdir DIR"
+  config_path = f"configs/sweep_label_fraction.py" + (f":{raw_arg}" if raw_arg else "")
+  config.command = f"python main.py --config {config_path} --workdir DIR"
   config.seeds = list(range(arg.seeds))
   config.fractions = [float(f) for f in arg.fractions.split(":")]
   config.methods = arg.methods.split(":")

@@ -102,15 +102,14 @@ class _BatchSizer:
   def __init__(self, config: ml_collections.ConfigDict):
     self.limit = int(config.batch_size)
     self.counts: dict[float, int] = {}
-    self.class_labels = None
 
   def labelled_count(self, run_config) -> int:
     fraction = float(run_config.data.label_fraction)
     if fraction not in self.counts:
       from labeleff_jax import datasets  # pylint: disable=g-import-not-at-top
       from labeleff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-      self.counts[fraction] = len(pipeline.select_indices(run_config, datasets.open_splits(run_config)["train"],
-                                                          "labelled"))
+      train_split = datasets.open_splits(run_config)["train"]
+      self.counts[fraction] = len(pipeline.select_indices(run_config, train_split, "labelled"))
     return self.counts[fraction]
 
   def __call__(self, run: runner.Run) -> None:
@@ -147,8 +146,9 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
   headers = {**METHOD_LABELS, "fraction": "label fraction"}
   for_display = [{**row, "fraction": f"{row['fraction'] * 100:g} %"} for row in rows]
   sections = [f"# Label-fraction sweep{data_note}\n",
-              f"Dataset `{config.data.name}`{data_note}; test split; mean ± std over seeds {list(config.seeds)} "
-              f"(in %); {config.steps} optimizer steps per run, batch size up to {config.batch_size}; "
+              f"Dataset `{config.data.name}`{data_note}; test split; mean ± std over seeds "
+              f"{list(config.seeds)} (in %); {config.steps} optimizer steps per run, batch size up to "
+              f"{config.batch_size}; "
               f"{config.pretrain_steps} contrastive pretraining steps per seed.\n",
               f"Command: `{config.get('command', '')}`\n" if config.get("command", "") else ""]
   plots = []
@@ -168,8 +168,8 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
     sections.append("## Pretraining\n\nk-NN accuracy (k=%d, all training labels) of the pretrained "
                     "embeddings on the test split: %s %%.\n" % (
                         config.pretrain.probe.get("k", 20), tables.format_cell(knn)))
-  sections.append("## Every run\n\n" + tables.records_markdown(downstream, ["method", "fraction", "seed"], metrics,
-                                                              headers=headers))
+  sections.append("## Every run\n\n" + tables.records_markdown(
+      downstream, ["method", "fraction", "seed"], metrics, headers=headers))
   markdown = "\n".join(section for section in sections if section)
   (root / "results.md").write_text(markdown)
   return {"results_md": str(root / "results.md"), "results_csv": str(root / "results.csv"),

@@ -112,7 +112,8 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
            if config.task_mode == "multitask" else f"one {config.base.model.name} per row and task")
   sections = [f"# Modality ablation, {config.fusion} fusion{data_note}\n",
               f"Dataset `{config.data.name}`{data_note}; test split; mean ± std over seeds "
-              f"{list(config.seeds)} (in %); {model}; {steps}; images cropped to {config.data.image_size} px.\n",
+              f"{list(config.seeds)} (in %); {model}; {steps}; images cropped to "
+              f"{config.data.image_size} px.\n",
               f"Command: `{config.get('command', '')}`\n" if config.get("command", "") else "",
               table]
   markdown = "\n".join(section for section in sections if section)
