@@ -531,7 +531,8 @@ def _git() -> dict:
   def run(*command):
     return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True).stdout.strip()
   # Changes to the code under test make a result unreproducible from the commit alone: name them.
-  dirty = run("status", "--porcelain", "--", "labeleff_jax/data", "data_builders", "benchmarks")
+  dirty = run("status", "--porcelain", "--", "labeleff_jax/data", "data_builders", "benchmarks",
+              ":(exclude)benchmarks/results")
   return {"commit": run("rev-parse", "HEAD"), "uncommitted_changes": dirty.splitlines()}
 
 
