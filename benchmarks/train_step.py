@@ -51,32 +51,19 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict:
 
 def run_jax_step(config, *, warmup: int, steps: int) -> dict:
   """Builds the engine's donated train step for `config`, compiles it, runs warm-up and timed steps."""
-  import flax.nnx as nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from labeleff_jax import models, objectives, optim, train  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import objectives, train  # pylint: disable=g-import-not-at-top
 
   P = jax.sharding.PartitionSpec
   batch_size = config.train.batch_size
   mesh = train.make_mesh(config)
   start = time.perf_counter()
-  model = models.create_model(config, rngs=nnx.Rngs(config.seed))
-  num_params = models.count_params(model)
-  objective = objectives.make_objective(config)
-  schedule = optim.make_schedule(config, steps_per_epoch=100, total_steps=1000)
-  tx = optim.make_optimizer(config, steps_per_epoch=100, total_steps=1000)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  bundle = {"model": model, "optimizer": optimizer}
-  model.eval()
-  eval_graphdef, _, _ = train._split(bundle)  # pylint: disable=protected-access
-  model.train()
-  graphdef, rng_state, state = train._split(bundle)  # pylint: disable=protected-access
-  del model, optimizer, bundle
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
-  rng_state = jax.device_put(rng_state, replicated)
+  setup = train.init_training(config, mesh, objectives.make_objective(config), steps_per_epoch=100,
+                              total_steps=1000)
+  num_params, state, rng_state, train_step = setup.num_params, setup.state, setup.rng_state, setup.train_step
+  del setup
   batch = jax.device_put(random_batch(config, batch_size), jax.sharding.NamedSharding(mesh, P("data")))
-  train_step, _, _ = train.build_steps(graphdef, eval_graphdef, objective, schedule, config.seed, nnx.Param)
   jax.block_until_ready((state, batch))
   build_s = time.perf_counter() - start
 

@@ -5,6 +5,7 @@ the jitted steps, checkpoint/resume, the loop, the final evaluation and the run'
 an experiment varies comes from the config; this file has no experiment-specific branches.
 """
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -117,6 +118,45 @@ def objective_forward(objective, model, batch):
   return forward(model, batch) if forward is not None else model(batch["inputs"])
 
 
+@dataclasses.dataclass
+class TrainingSetup:
+  """What a run trains: the replicated state, its RNG streams and the compiled-on-first-call steps."""
+  state: Any
+  rng_state: Any
+  graphdef: Any
+  train_step: Any
+  eval_step: Any
+  embed_step: Any
+  num_params: int
+  transfer_report: dict | None
+
+
+def init_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, objective, *,
+                  steps_per_epoch: int, total_steps: int) -> TrainingSetup:
+  """Builds model (maybe loaded from `init_from`) and optimizer, replicates them on `mesh`, makes the steps."""
+  model = models.create_model(config, rngs=nnx.Rngs(config.seed))
+  num_params = models.count_params(model)
+  transfer_report = transfer.maybe_initialize(model, config)
+  schedule = optim.make_schedule(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  tx = transfer.scale_backbone_updates(
+      optim.make_optimizer(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps), config)
+  trainable = transfer.trainable_filter(config)
+  # Built on the very model that was (maybe) loaded above, so loaded weights are the ones that train.
+  optimizer = nnx.Optimizer(model, tx, wrt=trainable)
+  bundle = {"model": model, "optimizer": optimizer}
+  model.eval()
+  eval_graphdef, _, _ = _split(bundle)
+  model.train()
+  transfer.freeze_for_probe(model, config)
+  graphdef, rng_state, state = _split(bundle)
+  # Parameters and optimizer state replicated on every device of the mesh; batches sharded on `data`.
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  train_step, eval_step, embed_step = build_steps(graphdef, eval_graphdef, objective, schedule,
+                                                  config.seed, trainable)
+  return TrainingSetup(jax.device_put(state, replicated), jax.device_put(rng_state, replicated), graphdef,
+                       train_step, eval_step, embed_step, num_params, transfer_report)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------------------------------------
@@ -166,30 +206,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   logging.info("train examples %d (label fraction %s), %d steps/epoch, %d steps", len(train_indices),
                config.data.label_fraction, steps_per_epoch, total_steps)
 
-  # -- Model and optimizer --------------------------------------------------------------------------------
-  model = models.create_model(config, rngs=nnx.Rngs(config.seed))
-  num_params = models.count_params(model)
-  transfer_report = transfer.maybe_initialize(model, config)
-  schedule = optim.make_schedule(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  tx = transfer.scale_backbone_updates(
-      optim.make_optimizer(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps), config)
-  trainable = transfer.trainable_filter(config)
-  # Built on the very model that was (maybe) loaded above, so loaded weights are the ones that train.
-  optimizer = nnx.Optimizer(model, tx, wrt=trainable)
-  bundle = {"model": model, "optimizer": optimizer}
-  model.eval()
-  eval_graphdef, _, _ = _split(bundle)
-  model.train()
-  transfer.freeze_for_probe(model, config)
-  graphdef, rng_state, state = _split(bundle)
-  del model, optimizer, bundle
-
-  # Parameters and optimizer state replicated on every device of the mesh; batches sharded on `data`.
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
-  rng_state = jax.device_put(rng_state, replicated)
-  train_step, eval_step, embed_step = build_steps(graphdef, eval_graphdef, objective, schedule,
-                                                  config.seed, trainable)
+  # -- Model, optimizer, sharded state and steps ---------------------------------------------------------
+  setup = init_training(config, mesh, objective, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  num_params, transfer_report = setup.num_params, setup.transfer_report
+  state, rng_state = setup.state, setup.rng_state
+  train_step, eval_step, embed_step = setup.train_step, setup.eval_step, setup.embed_step
 
   def run_eval(split):
     """Whole-split metrics, plus the k-NN probe of the representation when the config asks for one."""

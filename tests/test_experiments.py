@@ -25,15 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S2_ENCODER = "backbone/encoders/s2"
 
 
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-  return tiny_data.prepared(tmp_path_factory)
-
-
-def _with_data(config, data_dirs):
-  config.data.data_dir = data_dirs["data_dir"]
-  config.data.manual_dir = data_dirs["manual_dir"]
-  return config
+_with_data = tiny_data.point_at
 
 
 def _never_train(config, workdir):

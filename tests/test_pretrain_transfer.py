@@ -16,15 +16,7 @@ from tests import tiny_data
 S2_ENCODER = "backbone/encoders/s2"
 
 
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-  return tiny_data.prepared(tmp_path_factory)
-
-
-def _with_data(config, data_dirs):
-  config.data.data_dir = data_dirs["data_dir"]
-  config.data.manual_dir = data_dirs["manual_dir"]
-  return config
+_with_data = tiny_data.point_at
 
 
 @pytest.fixture(scope="module")

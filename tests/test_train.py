@@ -13,7 +13,6 @@ import pytest
 
 from labeleff_jax import models
 from labeleff_jax import objectives
-from labeleff_jax import optim
 from labeleff_jax import train
 from labeleff_jax.data import pipeline
 from tests import tiny_data
@@ -24,15 +23,8 @@ P = jax.sharding.PartitionSpec
 
 def _config(module_name, arg="tiny", **data_dirs):
   module = __import__(f"configs.{module_name}", fromlist=["get_config"])
-  config = module.get_config(arg)
-  config.data.data_dir = data_dirs["data_dir"]
-  config.data.manual_dir = data_dirs["manual_dir"]
-  return config
+  return tiny_data.point_at(module.get_config(arg), data_dirs)
 
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-  return tiny_data.prepared(tmp_path_factory)
 
 
 def _artefacts_complete(workdir):
@@ -129,23 +121,12 @@ def _final_params(workdir):
 
 
 def _one_step(config, mesh, batch):
-  model = models.create_model(config, rngs=nnx.Rngs(0))
-  objective = objectives.make_objective(config)
-  tx = optim.make_optimizer(config, steps_per_epoch=1, total_steps=1)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  bundle = {"model": model, "optimizer": optimizer}
-  model.eval()
-  eval_graphdef, _, _ = train._split(bundle)  # pylint: disable=protected-access
-  model.train()
-  graphdef, rng_state, state = train._split(bundle)  # pylint: disable=protected-access
-  schedule = optim.make_schedule(config, steps_per_epoch=1, total_steps=1)
-  train_step, _, _ = train.build_steps(graphdef, eval_graphdef, objective, schedule, 0, nnx.Param)
-  replicated = jax.sharding.NamedSharding(mesh, P())
+  setup = train.init_training(config, mesh, objectives.make_objective(config), steps_per_epoch=1,
+                              total_steps=1)
   batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, P("data")))
   with jax.set_mesh(mesh):
-    state, step_metrics = train_step(jax.device_put(state, replicated), jax.device_put(rng_state, replicated),
-                                     batch, jnp.int32(0))
-  updated = nnx.merge(graphdef, rng_state, state)["model"]
+    state, step_metrics = setup.train_step(setup.state, setup.rng_state, batch, jnp.int32(0))
+  updated = nnx.merge(setup.graphdef, setup.rng_state, state)["model"]
   return jax.device_get(nnx.to_pure_dict(nnx.state(updated, nnx.Param))), jax.device_get(step_metrics)
 
 
@@ -168,7 +149,7 @@ def test_train_step_on_8_devices_equals_1_device():
   eight = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
   before = _flat_params(jax.device_get(nnx.to_pure_dict(nnx.state(
-      models.create_model(config, rngs=nnx.Rngs(0)), nnx.Param))))
+      models.create_model(config, rngs=nnx.Rngs(config.seed)), nnx.Param))))
   state_8, metrics_8 = _one_step(config, eight, batch)
   state_1, metrics_1 = _one_step(config, one, batch)
   np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)

@@ -22,3 +22,10 @@ def prepared(tmp_path_factory) -> dict:
       synthetic.write_dataset(manual_dir, name=NAME, num_patches=NUM_PATCHES, seed=0)
     ben_ge.prepare(manual_dir, data_dir, NAME)
   return {"data_dir": str(data_dir), "manual_dir": str(manual_dir)}
+
+
+def point_at(config, data_dirs: dict):
+  """Points `config` at the tiny prepared dataset; returns it for chaining."""
+  config.data.data_dir = data_dirs["data_dir"]
+  config.data.manual_dir = data_dirs["manual_dir"]
+  return config
