@@ -11,10 +11,11 @@ What it measures (one JSON object on stdout and in --out; benchmarks/README.md e
    float32 as `torch.from_numpy(x).float()` does) and is collated into batches of 32. Worker processes
    build whole batches and keep 2 each in flight, as torch's DataLoader does.
 2. `pipeline`: `labeleff_jax.data.pipeline.make_train_iterator` over the prepared TFDS dataset, same
-   modalities (s2, s1, dem, lulc: a one-hot input here) and batch 32, the same number of workers (grain
-   threads), every batch device arrays on a mesh of the CPU devices (block_until_ready). No augmentation,
-   as in the reference: the same work. `pipeline_augmented`: the same with training's random flips and
-   rotations. The three take turns window by window, so they share the machine's load.
+   modalities (s2, s1, dem, lulc: a one-hot input here) and batch 32, the same number of workers (worker
+   processes, the default data.worker_type), every batch device arrays on a mesh of the CPU devices
+   (block_until_ready). No augmentation, as in the reference: the same work. `pipeline_augmented`: the
+   same with training's random flips and rotations. `pipeline_threads` (workers > 0): `pipeline` on grain's
+   worker threads instead. They take turns window by window, so they share the machine's load.
 3. `speedup`: pipeline / reference in samples/s (wall) and in CPU time per sample, per worker count;
    `goal`: whether `pipeline` reaches GOAL_SPEEDUP in samples/s at every worker count.
 4. `writer_options_variants`: the same records re-encoded with other array_record writer options
@@ -307,22 +308,23 @@ def reference_loader(folder: pathlib.Path, workers: int, args) -> Timed:
       close=loader.close)
 
 
-def _pipeline_config(data_dir: pathlib.Path, workers: int, augment: bool):
+def _pipeline_config(data_dir: pathlib.Path, workers: int, augment: bool, worker_type: str = "process"):
   import ml_collections  # pylint: disable=g-import-not-at-top  (kept out of the spawned reference workers)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = ml_collections.ConfigDict(dict(
       name=PIPELINE_NAME, data_dir=str(data_dir), modalities=list(MODALITIES), label_fraction=1.0,
-      normalization="reference", num_workers=workers, prefetch=2,
+      normalization="reference", num_workers=workers, prefetch=2, worker_type=worker_type,
       augment=dict(flip=augment, rot90=augment)))
   config.train = ml_collections.ConfigDict(dict(batch_size=BATCH_SIZE))
   return config
 
 
-def pipeline_loader(name: str, data_dir: pathlib.Path, workers: int, args, *, augment: bool) -> Timed:
+def pipeline_loader(name: str, data_dir: pathlib.Path, workers: int, args, *, augment: bool,
+                    worker_type: str = "process") -> Timed:
   import jax  # pylint: disable=g-import-not-at-top  (kept out of the spawned reference workers)
   from labeleff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  config = _pipeline_config(data_dir, workers, augment)
+  config = _pipeline_config(data_dir, workers, augment, worker_type)
   mesh = jax.make_mesh((jax.device_count(),), (pipeline.DATA_AXIS,))
   iterator = pipeline.make_train_iterator(config, pipeline.open_split(config, "train"), mesh,
                                           labels=list(LABELS))
@@ -330,11 +332,16 @@ def pipeline_loader(name: str, data_dir: pathlib.Path, workers: int, args, *, au
   def next_batch():
     return jax.block_until_ready(next(iterator))["valid"].shape[0]
 
-  # grain keeps max(prefetch, workers) batches in flight with worker threads, none without. It cannot be
-  # asked whether they are done: wait as long as they take (~30 ms per batch here), generously.
   read_ahead = max(2, workers) if workers else 0
-  return Timed(name=name, next_batch=next_batch, cpu_seconds=time.process_time, read_ahead=read_ahead,
-               batches_per_window=args.pipeline_batches, settle=lambda: time.sleep(0.25 * read_ahead),
+  if workers and worker_type == "thread":
+    # grain's threads cannot be asked whether they are done: wait as long as they take (~30 ms per batch
+    # here), generously.
+    settle = lambda: time.sleep(0.25 * read_ahead)  # noqa: E731
+  else:
+    settle = iterator.wait_until_idle
+  return Timed(name=name, next_batch=next_batch,
+               cpu_seconds=lambda: time.process_time() + iterator.worker_cpu_seconds,
+               read_ahead=read_ahead, batches_per_window=args.pipeline_batches, settle=settle,
                close=iterator.close)
 
 
@@ -594,17 +601,22 @@ def main(argv=None) -> dict:
     result[key] = {}
   for workers in worker_counts:
     print(f"reference loader and pipeline, {workers} workers ...", file=sys.stderr, flush=True)
-    measured = run_interleaved([
+    loaders = [
         lambda: reference_loader(raw_folder, workers, args),
         lambda: pipeline_loader("pipeline", data_dir, workers, args, augment=False),
-        lambda: pipeline_loader("pipeline_augmented", data_dir, workers, args, augment=True),
-    ], args)
-    kinds = {"reference": "processes", "pipeline": "threads", "pipeline_augmented": "threads"}
+        lambda: pipeline_loader("pipeline_augmented", data_dir, workers, args, augment=True)]
+    if workers:  # the same work on grain's worker threads (data.worker_type='thread'), for comparison
+      loaders.append(lambda: pipeline_loader("pipeline_threads", data_dir, workers, args, augment=False,
+                                             worker_type="thread"))
+    measured = run_interleaved(loaders, args)
+    kinds = {"reference": "processes", "pipeline": "processes", "pipeline_augmented": "processes",
+             "pipeline_threads": "threads"}
     for name, entry in measured.items():
+      result.setdefault(name, {})
       result[name][str(workers)] = {"workers": workers, "worker_kind": kinds[name] if workers else "caller",
                                     **entry}
     result["speedup"][str(workers)] = {name: _speedup(measured["reference"], measured[name])
-                                       for name in ("pipeline", "pipeline_augmented")}
+                                       for name in measured if name != "reference"}
   speedups = [entry["pipeline"]["samples_per_s"] for entry in result["speedup"].values()]
   result["goal"] = {"speedup_samples_per_s_at_equal_workers": GOAL_SPEEDUP,
                     "min_speedup": min(speedups) if speedups else None,

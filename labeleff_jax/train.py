@@ -294,6 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if start_step < total_steps or latest is None:
       save(total_steps)
     checkpointer.wait()
+    train_iter.close()  # its worker processes are not needed for the final evaluation
 
     # -- Final evaluation -----------------------------------------------------------------------------------
     final, examples = {}, None

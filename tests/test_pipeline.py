@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from labeleff_jax.data import constants, label_fraction, pipeline, preprocess
+from labeleff_jax.data import constants, host_batches, label_fraction, pipeline, preprocess
 
 SIZE = 16  # stored raster side of the in-memory examples
 
@@ -129,13 +129,17 @@ def test_each_epoch_is_a_fresh_permutation_without_the_remainder(mesh):
 
 
 def test_same_seed_same_batches_and_other_seed_other_batches(mesh):
-  def run(seed, workers):
-    config = make_config(num_workers=workers)
+  def run(seed, workers, worker_type="process"):
+    config = make_config(num_workers=workers, worker_type=worker_type)
     config.seed = seed
-    return take(pipeline.make_train_iterator(config, InMemoryBenGe(24), mesh, labels=["lulc"]), 4)
+    iterator = pipeline.make_train_iterator(config, InMemoryBenGe(24), mesh, labels=["lulc"])
+    batches = take(iterator, 4)
+    iterator.close()
+    return batches
   reference = run(3, 0)
   assert_batches_equal(reference, run(3, 0))
-  assert_batches_equal(reference, run(3, 2))  # worker threads never change the data
+  assert_batches_equal(reference, run(3, 2))  # worker processes never change the data
+  assert_batches_equal(reference, run(3, 2, "thread"))  # nor do worker threads
   other = run(4, 0)
   assert not np.array_equal(reference[0]["index"], other[0]["index"])
 
@@ -435,3 +439,88 @@ def test_batch_buffers_are_aligned_for_zero_copy_device_placement(mesh):
   batch = iterator.host_batch(0)
   for leaf in jax.tree.leaves((batch["inputs"], batch["labels"])):  # the large arrays; valid/index are tiny
     assert leaf.ctypes.data % 64 == 0
+
+
+class FailingBenGe(InMemoryBenGe):
+  """Raises, naming the example, when example `bad` is read."""
+
+  def __init__(self, num_examples, bad):
+    super().__init__(num_examples)
+    self.bad = bad
+
+  def __getitem__(self, index):
+    if index == self.bad:
+      raise ValueError(f"patch_{index}: corrupt record")
+    return super().__getitem__(index)
+
+
+def test_worker_process_errors_reach_the_caller_with_their_message(mesh):
+  config = make_config(num_workers=2, prefetch=4)
+  source = FailingBenGe(32, bad=-1)
+  iterator = pipeline.make_train_iterator(config, source, mesh, labels=["lulc"])
+  second_batch = iterator.epoch_order(0)[8:16]
+  iterator.close()
+  source.bad = int(second_batch[second_batch != 0][0])  # example 0 is read up front to size the buffers
+  # Batches 0..3 are read ahead together; the failure of batch 1 surfaces when batch 1 is asked for.
+  iterator = pipeline.make_train_iterator(config, source, mesh, labels=["lulc"])
+  next(iterator)
+  with pytest.raises(ValueError, match=f"patch_{source.bad}: corrupt record"):
+    next(iterator)
+  with pytest.raises(RuntimeError, match="closed"):
+    next(iterator)
+
+
+def test_worker_processes_need_a_picklable_source(mesh):
+  class LocalSource(InMemoryBenGe):  # defined in a function: pickle cannot find it
+    pass
+  with pytest.raises(TypeError, match="num_workers=0"):
+    pipeline.make_train_iterator(make_config(num_workers=2), LocalSource(16), mesh, labels=["lulc"])
+  # Threads share the caller's objects and need nothing picklable.
+  iterator = pipeline.make_train_iterator(make_config(num_workers=2, worker_type="thread"), LocalSource(16),
+                                          mesh, labels=["lulc"])
+  assert next(iterator)["index"].shape == (8,)
+
+
+def test_unknown_worker_type_is_rejected(mesh):
+  with pytest.raises(ValueError, match="data.worker_type"):
+    pipeline.make_train_iterator(make_config(worker_type="fiber"), InMemoryBenGe(16), mesh, labels=[])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_buffer_pool_reuses_an_arena_only_when_nothing_refers_to_it(shared):
+  template = {"inputs": {"s2": np.zeros((4, 4, 3), np.float32)}, "labels": {}, "index": np.int32(0)}
+  pool = host_batches.BufferPool(host_batches.BufferLayout.from_template(template, 2), shared=shared)
+  first_id, first = pool.take()
+  assert first["inputs"]["s2"].shape == (2, 4, 4, 3) and first["index"].dtype == np.int32
+  assert first["labels"] == {}
+  assert first["inputs"]["s2"].ctypes.data % host_batches.HOST_ALIGNMENT == 0
+  keep = first["inputs"]["s2"][1]  # a view of one row keeps the whole arena alive
+  del first
+  second_id, second = pool.take()
+  assert second_id != first_id
+  placed = jax.device_put(second["inputs"]["s2"])  # a jax array aliasing the arena keeps it alive too
+  del second
+  third_id, _ = pool.take()
+  assert third_id not in (first_id, second_id)
+  del keep
+  assert pool.take()[0] == first_id  # released: reused
+  del placed
+  assert pool.take()[0] in (first_id, second_id)
+  pool.close()
+
+
+def test_recycled_buffers_never_show_an_earlier_batch(mesh):
+  # Evaluation of 21 examples in batches of 8: the padded last batch reuses an arena that held full rows.
+  source = InMemoryBenGe(21)
+  batches = pipeline.make_eval_batches(make_config(), source, mesh, labels=["lulc", "climatezone"])
+  for batch_index in range(len(batches)):
+    batch = batches.host_batch(batch_index)  # dropped at the next iteration, so its arena is reused
+    expected = {"index": np.arange(batch_index * 8, batch_index * 8 + 8)}
+    valid = expected["index"] < 21
+    np.testing.assert_array_equal(batch["valid"], valid)
+    np.testing.assert_array_equal(batch["index"], np.where(valid, expected["index"], -1))
+    assert np.all(batch["inputs"]["s2"][~valid] == 0)
+    assert np.all(batch["labels"]["lulc"][~valid] == constants.LULC_IGNORE)
+    for row in np.flatnonzero(valid):
+      np.testing.assert_allclose(batch["inputs"]["s2"][row],
+                                 preprocess.normalize(source[int(expected["index"][row])], ["s2"])["s2"])

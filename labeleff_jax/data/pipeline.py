@@ -3,15 +3,17 @@
 Design, in short:
 - Every batch is a pure function of (seed, step): the step picks the epoch and the slice of that epoch's
   permutation, and each example's augmentation draws from a generator seeded by (seed, epoch, example
-  index, view). Resuming from a saved step, changing the number of worker threads or the number of hosts
+  index, view). Resuming from a saved step, changing the number or type of workers or the number of hosts
   therefore never changes what the model sees.
-- grain does the parallel part: a `MapDataset` of step -> batch, read ahead by a thread pool
-  (`data.num_workers` threads, 0 = in the caller's thread; `data.prefetch` batches in flight). Threads suit
-  this work: the array_record read and the numpy arithmetic release the GIL, while processes would have to
-  copy every ~0.5 MB example between them. (benchmarks/input_pipeline.py measures the pipeline against a
-  per-file GeoTIFF loader like the reference's.)
-- Rows are transformed straight into preallocated batch buffers (geometry as strided views of the raw
-  rasters, then one fused float32 conversion), so each image is copied once on the host.
+- Reading ahead: `data.num_workers` worker processes (`data.worker_type='process'`, the default) fill
+  training batches straight into shared memory (host_batches.ProcessReader); with 'thread', a grain
+  `MapDataset` of step -> batch is read ahead by that many threads (evaluation passes always use threads);
+  0 workers make each batch in the caller's thread. Processes, because the per-example decoding and
+  bookkeeping hold the GIL: two threads barely beat one on two cores, two processes nearly double it
+  (benchmarks/input_pipeline.py, which also measures a per-file GeoTIFF loader like the reference's).
+- Rows are transformed straight into batch buffers (geometry as strided views of the raw rasters, then one
+  fused float32 conversion), so each image is copied once on the host; the buffers are recycled once no
+  array refers to them (host_batches.BufferPool), so the kernel does not fault in fresh pages per batch.
 - Each process builds only its own rows of the global batch and hands them to
   `jax.make_array_from_process_local_data`, which yields one global array sharded over the mesh's `data`
   axis.
@@ -24,7 +26,6 @@ The batch format is fixed in docs/architecture.md ("Batches").
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from labeleff_jax.data import constants, label_fraction, preprocess
+from labeleff_jax.data import constants, host_batches, label_fraction, preprocess
 from labeleff_jax.data.preprocess import compute_normalization_stats  # noqa: F401  (public re-export)
 
 DATA_AXIS = "data"
@@ -42,6 +43,7 @@ BUILDER_NAME = "ben_ge"
 NORMALIZATIONS = ("reference", "standardize")
 AUGMENT_KEYS = ("flip", "rot90", "brightness", "contrast", "noise_std", "blur_prob")
 SUBSETS = ("labelled", "unlabelled", "all")
+WORKER_TYPES = ("process", "thread")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 
 # Tags keep the random streams of shuffling and augmentation apart although both derive from config.seed.
@@ -49,9 +51,6 @@ _SHUFFLE_TAG = 0x5F1E
 _AUGMENT_TAG = 0xA06E
 # The training stream is "infinite": grain only needs a length, and no run takes 2**62 steps.
 _MAX_STEPS = 2**62
-# XLA's CPU client aliases a numpy array instead of copying it when the data is aligned to 64 bytes; a copy
-# of a 32 x 120 x 120 batch (~50 MB with a one-hot land-cover input) cost ~0.5 ms of CPU per example.
-_HOST_ALIGNMENT = 64
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,6 +135,9 @@ class RecordDecoder:
 
     self._parse = tf_example_pb2.Example.FromString
     self._plan = tuple(plan)  # (name, tf.Example list field, value dtype, tensor shape or None)
+
+  def __reduce__(self):  # for worker processes: the parser is rebuilt, not pickled
+    return RecordDecoder, (self._plan,)
 
   @classmethod
   def for_features(cls, features) -> RecordDecoder | None:
@@ -295,16 +297,39 @@ def make_transform(config, *, labels: Sequence[str], train: bool,
       multilabel_threshold=threshold)
 
 
-def _read_options(config) -> grain.ReadOptions:
+@dataclasses.dataclass(frozen=True)
+class WorkerOptions:
+  """How batches are read ahead: data.num_workers, data.prefetch and data.worker_type."""
+  num_workers: int = 0  # 0: every batch is made in the caller's thread when it is asked for
+  prefetch: int = 2
+  worker_type: str = "process"
+
+  @property
+  def read_ahead(self) -> int:
+    """Batches in flight."""
+    return max(self.prefetch, self.num_workers) if self.num_workers else 0
+
+  @property
+  def uses_processes(self) -> bool:
+    return self.num_workers > 0 and self.worker_type == "process"
+
+  def grain_read_options(self) -> grain.ReadOptions:
+    if self.num_workers == 0:
+      return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # synchronous, in the caller's thread
+    return grain.ReadOptions(num_threads=self.num_workers, prefetch_buffer_size=self.read_ahead)
+
+
+def _worker_options(config) -> WorkerOptions:
   num_workers = config.data.get("num_workers", 2)
   prefetch = config.data.get("prefetch", 2)
+  worker_type = config.data.get("worker_type", "process")
   if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
     raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}.")
   if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
     raise ValueError(f"data.prefetch must be an integer >= 0, got {prefetch!r}.")
-  if num_workers == 0:
-    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # synchronous, in the caller's thread
-  return grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=max(prefetch, num_workers))
+  if worker_type not in WORKER_TYPES:
+    raise ValueError(f"data.worker_type must be one of {WORKER_TYPES}, got {worker_type!r}.")
+  return WorkerOptions(num_workers, prefetch, worker_type)
 
 
 def _label_fraction_seed(config) -> int:
@@ -434,29 +459,14 @@ def batch_layout(mesh: jax.sharding.Mesh, global_batch_size: int, key: str) -> B
 
 
 def _probe(transform: preprocess.ExampleTransform, source, index: int, num_views: int = 1) -> dict:
-  """One transformed row, made up front: it fixes the batch buffers' shapes, and a missing feature or an
-  image_size that does not fit the stored rasters fails here, with its message, not in a worker thread."""
+  """One transformed row, made up front: it fixes the batch buffers' layout, and a missing feature or an
+  image_size that does not fit the stored rasters fails here, with its message, not in a worker."""
   row = transform.view(source[index], np.random.default_rng(0))
   if num_views == 2:
     row["inputs2"] = row["inputs"]
+  row["valid"] = np.bool_(True)
+  row["index"] = np.int32(0)
   return row
-
-
-def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
-  """np.empty whose data starts on a _HOST_ALIGNMENT-byte boundary (numpy itself guarantees only 16)."""
-  dtype = np.dtype(dtype)
-  num_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-  raw = np.empty(num_bytes + _HOST_ALIGNMENT, np.uint8)
-  offset = -raw.ctypes.data % _HOST_ALIGNMENT
-  return raw[offset:offset + num_bytes].view(dtype).reshape(shape)
-
-
-def _allocate(template: Mapping, count: int) -> dict:
-  # Rows are transformed straight into these buffers: stacking per-example arrays instead cost a second
-  # full copy of every image (4x slower batch assembly for 120x120x12 float32 in a measurement).
-  # Aligned, so that on CPU devices jax adopts them without a copy (see _HOST_ALIGNMENT); every batch gets
-  # fresh buffers and nothing writes to them once they are handed over, so sharing them is safe.
-  return jax.tree.map(lambda leaf: _aligned_empty((count,) + leaf.shape, leaf.dtype), template)
 
 
 def _row(buffers: Mapping, row: int) -> dict:
@@ -468,6 +478,138 @@ def _augment_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Gene
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the rows of a batch hold. Picklable, so that worker processes can fill batches too.
+# ---------------------------------------------------------------------------------------------------------
+class TrainRows:
+  """This process's rows of training batch `step`: a pure function of (seed, step).
+
+  The step picks the epoch and the slice of that epoch's permutation; each example's augmentation draws
+  from a generator seeded by (seed, epoch, example index, view).
+  """
+
+  def __init__(self, source, indices: np.ndarray, transform: preprocess.ExampleTransform, *, seed: int,
+               num_views: int, global_batch_size: int, row_start: int, row_stop: int):
+    self._source = source
+    self.indices = np.asarray(indices, np.int64)
+    self._transform = transform
+    self._seed = seed
+    self._num_views = num_views
+    self._global_batch_size = global_batch_size
+    self._rows = (row_start, row_stop)
+    self.steps_per_epoch = steps_per_epoch(len(self.indices), global_batch_size)
+    self._orders = {}  # epoch -> order, the last few epochs
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    order = self._orders.get(epoch)
+    if order is None:
+      rng = np.random.default_rng([_SHUFFLE_TAG, self._seed, epoch])
+      order = self.indices[rng.permutation(len(self.indices))]
+      self._orders[epoch] = order
+      for old in [key for key in list(self._orders) if key < epoch - 2]:  # list(): atomic under the GIL
+        self._orders.pop(old, None)
+    return order
+
+  def fill(self, step: int, out: Mapping) -> None:
+    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+    first = step_in_epoch * self._global_batch_size
+    ids = self.epoch_order(epoch)[first + self._rows[0]: first + self._rows[1]]
+    for row, index in enumerate(ids):
+      example = self._source[int(index)]
+      target = _row(out, row)
+      self._transform.view(example, _augment_rng(self._seed, epoch, int(index), 0), out=target)
+      if self._num_views == 2:
+        self._transform.view(example, _augment_rng(self._seed, epoch, int(index), 1), with_labels=False,
+                             out={"inputs": target["inputs2"]})
+    out["valid"][...] = True
+    out["index"][...] = ids
+
+
+class EvalRows:
+  """This process's rows of evaluation batch `batch_index`: examples in index order, padding past the end."""
+
+  def __init__(self, source, transform: preprocess.ExampleTransform, *, global_batch_size: int,
+               row_start: int, row_stop: int):
+    self._source = source
+    self._transform = transform
+    self._global_batch_size = global_batch_size
+    self._rows = (row_start, row_stop)
+    self.num_examples = len(source)
+
+  def fill(self, batch_index: int, out: Mapping) -> None:
+    first = batch_index * self._global_batch_size
+    positions = np.arange(first + self._rows[0], first + self._rows[1])
+    for row, position in enumerate(positions):
+      target = _row(out, row)
+      if position < self.num_examples:
+        self._transform.view(self._source[int(position)], None, out=target)
+      else:
+        # Padding rows hold zeros (and the ignore value in the mask): the model runs on them, and `valid`
+        # keeps them out of every metric.
+        for buffer in jax.tree.leaves(target):
+          buffer[...] = 0
+        if "lulc" in target["labels"]:
+          target["labels"]["lulc"][...] = constants.LULC_IGNORE
+    valid = positions < self.num_examples
+    out["valid"][...] = valid
+    out["index"][...] = np.where(valid, positions, -1)
+
+
+class _BatchStream:
+  """Batches 0, 1, ... of a row filler as global arrays, read ahead by worker processes or threads.
+
+  Processes (`host_batches.ProcessReader`) write each batch into shared memory; threads (grain) also place
+  the batches on the devices, overlapping the transfer with the training step. Either way the host memory
+  comes from a `host_batches.BufferPool`, so batches reuse it once no array refers to it.
+  """
+
+  def __init__(self, rows, template: Mapping, layout: BatchLayout, workers: WorkerOptions,
+               num_batches: int):
+    self._rows = rows
+    self._layout = layout
+    memory = host_batches.BufferLayout.from_template(template, layout.local_batch_size)
+    self._pool = host_batches.BufferPool(memory, shared=workers.uses_processes)
+    self._reader = self._batches = None
+    if workers.uses_processes:
+      self._reader = host_batches.ProcessReader(rows, self._pool, num_workers=workers.num_workers,
+                                                depth=workers.read_ahead, num_batches=num_batches)
+    else:
+      dataset = grain.MapDataset.range(num_batches).map(lambda index: layout.to_global(self.host_batch(index)))
+      self._batches = iter(dataset.to_iter_dataset(workers.grain_read_options()))
+
+  def host_batch(self, index: int) -> dict:
+    _, batch = self._pool.take()
+    self._rows.fill(index, batch)
+    return batch
+
+  def __next__(self) -> dict:
+    if self._reader is not None:
+      return self._layout.to_global(next(self._reader))
+    return next(self._batches)
+
+  @property
+  def worker_cpu_seconds(self) -> float:
+    """CPU time worker processes spent on the batches returned so far (0 without worker processes)."""
+    return self._reader.worker_cpu_seconds if self._reader is not None else 0.0
+
+  def wait_until_idle(self) -> None:
+    """Blocks until worker processes have filled the batches they read ahead (no-op otherwise)."""
+    if self._reader is not None:
+      self._reader.wait_until_idle()
+
+  def seek(self, index: int) -> None:
+    if self._reader is not None:
+      self._reader.seek(index)
+    else:
+      self._batches.set_state({"next_index": index})
+
+  def close(self) -> None:
+    if self._reader is not None:
+      self._reader.close()
+    if self._batches is not None:
+      self._batches.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------------------------------------
 class TrainIterator(grain.DatasetIterator):
@@ -476,34 +618,33 @@ class TrainIterator(grain.DatasetIterator):
   `next(it)` returns the batch dict of docs/architecture.md as global jax.Arrays. `get_state()` is a small
   JSON dict; `set_state` makes the iterator continue with exactly the batch that followed the saved state.
   Being a grain DatasetIterator, it also checkpoints through orbax with `grain.checkpoint.CheckpointSave`.
+  Every batch is a pure function of (seed, step), so resuming, the number or type of workers and the number
+  of hosts never change what the model sees.
   """
 
   def __init__(self, source, indices: np.ndarray, transform: preprocess.ExampleTransform,
-               layout: BatchLayout, *, seed: int, num_views: int, read_options: grain.ReadOptions,
+               layout: BatchLayout, *, seed: int, num_views: int, workers: WorkerOptions,
                stats: dict | None = None):
     super().__init__()
-    self._template = _probe(transform, source, int(indices[0]), num_views)
-    self._source = source
-    self._indices = np.asarray(indices, np.int64)
-    self._transform = transform
+    self._stream = None
+    self._rows = TrainRows(source, indices, transform, seed=seed, num_views=num_views,
+                           global_batch_size=layout.global_batch_size, row_start=layout.row_start,
+                           row_stop=layout.row_stop)
+    template = _probe(transform, source, int(self._rows.indices[0]), num_views)
     self._layout = layout
     self._seed = seed
-    self._num_views = num_views
     self.stats = stats
-    self.steps_per_epoch = steps_per_epoch(len(self._indices), layout.global_batch_size)
-    self._epoch_order = functools.lru_cache(maxsize=4)(self._compute_epoch_order)
-    # Worker threads also place batches on the devices, so the transfer overlaps the training step.
-    global_batches = grain.MapDataset.range(_MAX_STEPS).map(self._global_batch)
-    self._batches = iter(global_batches.to_iter_dataset(read_options))
+    self.steps_per_epoch = self._rows.steps_per_epoch
+    self._stream = _BatchStream(self._rows, template, layout, workers, _MAX_STEPS)
     self._step = 0
 
   @property
   def num_examples(self) -> int:
-    return len(self._indices)
+    return len(self._rows.indices)
 
   @property
   def indices(self) -> np.ndarray:
-    return self._indices.copy()
+    return self._rows.indices.copy()
 
   @property
   def global_batch_size(self) -> int:
@@ -519,36 +660,25 @@ class TrainIterator(grain.DatasetIterator):
     """Epoch of the next batch (= completed epochs)."""
     return self._step // self.steps_per_epoch
 
-  def _compute_epoch_order(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng([_SHUFFLE_TAG, self._seed, epoch])
-    return self._indices[rng.permutation(len(self._indices))]
-
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Source indices in the order epoch `epoch` visits them (the tail that fills no batch is skipped)."""
-    return self._epoch_order(epoch).copy()
+    return self._rows.epoch_order(epoch).copy()
 
   def host_batch(self, step: int) -> dict:
     """This process's rows of batch `step` as numpy arrays (a pure function of seed and step)."""
-    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-    first = step_in_epoch * self._layout.global_batch_size
-    ids = self._epoch_order(epoch)[first + self._layout.row_start: first + self._layout.row_stop]
-    batch = _allocate(self._template, len(ids))
-    for row, index in enumerate(ids):
-      example = self._source[int(index)]
-      target = _row(batch, row)
-      self._transform.view(example, _augment_rng(self._seed, epoch, int(index), 0), out=target)
-      if self._num_views == 2:
-        self._transform.view(example, _augment_rng(self._seed, epoch, int(index), 1), with_labels=False,
-                             out={"inputs": target["inputs2"]})
-    batch["valid"] = np.ones(len(ids), bool)
-    batch["index"] = ids.astype(np.int32)
-    return batch
+    return self._stream.host_batch(step)
 
-  def _global_batch(self, step: int) -> dict:
-    return self._layout.to_global(self.host_batch(step))
+  @property
+  def worker_cpu_seconds(self) -> float:
+    """CPU time worker processes spent on the batches returned so far (0 without worker processes)."""
+    return self._stream.worker_cpu_seconds
+
+  def wait_until_idle(self) -> None:
+    """Blocks until worker processes have filled the batches they read ahead (no-op otherwise)."""
+    self._stream.wait_until_idle()
 
   def __next__(self) -> dict:
-    batch = next(self._batches)
+    batch = next(self._stream)
     self._step += 1
     return batch
 
@@ -566,13 +696,12 @@ class TrainIterator(grain.DatasetIterator):
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
       raise ValueError(f"Iterator state 'step' must be an integer >= 0, got {step!r}.")
-    self._batches.set_state({"next_index": int(step)})
+    self._stream.seek(int(step))
     self._step = int(step)
 
   def close(self) -> None:
-    batches = getattr(self, "_batches", None)  # absent when __init__ failed; grain's __del__ still closes
-    if batches is not None:
-      batches.close()
+    if self._stream is not None:  # None when __init__ failed; grain's __del__ still closes
+      self._stream.close()
     super().close()
 
 
@@ -582,7 +711,8 @@ def make_train_iterator(config, source, mesh: jax.sharding.Mesh, *, labels: Sequ
 
   Args:
     config: reads data.* (modalities, image_size, augment, num_views, normalization, label_fraction,
-      stratify_by, multilabel_threshold, num_workers, prefetch), train.batch_size (global) and seed.
+      stratify_by, multilabel_threshold, num_workers, prefetch, worker_type), train.batch_size (global)
+      and seed.
     source: random-access training split (`open_split(config, 'train')` or any len/getitem of dicts).
     mesh: the device mesh; batches are sharded over its 'data' axis.
     labels: label names the tasks need (see preprocess.LABELS); may be empty for self-supervision.
@@ -605,7 +735,7 @@ def make_train_iterator(config, source, mesh: jax.sharding.Mesh, *, labels: Sequ
   stats = _stats_for(config, stats, may_compute_from=source)
   transform = make_transform(config, labels=labels, train=True, stats=stats)
   return TrainIterator(source, indices, transform, layout, seed=_seed(config),
-                       num_views=_num_views(config), read_options=_read_options(config), stats=stats)
+                       num_views=_num_views(config), workers=_worker_options(config), stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -615,18 +745,18 @@ class EvalBatches:
   """One complete pass over a split in index order; the last batch is padded with valid=False rows.
 
   An iterator (`next`) with a known length, so a progress bar or a metric accumulator can size itself.
+  Evaluation passes read ahead with data.num_workers threads even where training uses processes: a pass
+  is short and made anew for every evaluation, and starting processes would cost seconds each time.
   """
 
   def __init__(self, source, transform: preprocess.ExampleTransform, layout: BatchLayout,
-               read_options: grain.ReadOptions):
-    self._source = source
-    self._transform = transform
-    self._layout = layout
+               workers: WorkerOptions):
+    self._rows = EvalRows(source, transform, global_batch_size=layout.global_batch_size,
+                          row_start=layout.row_start, row_stop=layout.row_stop)
     self.num_examples = len(source)
     self.num_batches = num_eval_batches(self.num_examples, layout.global_batch_size)
-    self._template = _probe(transform, source, 0)
-    global_batches = grain.MapDataset.range(self.num_batches).map(self._global_batch)
-    self._batches = iter(global_batches.to_iter_dataset(read_options))
+    workers = dataclasses.replace(workers, worker_type="thread")
+    self._stream = _BatchStream(self._rows, _probe(transform, source, 0), layout, workers, self.num_batches)
 
   def __len__(self) -> int:
     return self.num_batches
@@ -635,34 +765,14 @@ class EvalBatches:
     return self
 
   def __next__(self) -> dict:
-    return next(self._batches)
+    return next(self._stream)
 
   def host_batch(self, batch_index: int) -> dict:
     """This process's rows of evaluation batch `batch_index` as numpy arrays."""
-    first = batch_index * self._layout.global_batch_size
-    positions = np.arange(first + self._layout.row_start, first + self._layout.row_stop)
-    batch = _allocate(self._template, len(positions))
-    for row, position in enumerate(positions):
-      target = _row(batch, row)
-      if position < self.num_examples:
-        self._transform.view(self._source[int(position)], None, out=target)
-      else:
-        # Padding rows hold zeros (and the ignore value in the mask): the model runs on them, and `valid`
-        # keeps them out of every metric.
-        for buffer in jax.tree.leaves(target):
-          buffer[...] = 0
-        if "lulc" in target["labels"]:
-          target["labels"]["lulc"][...] = constants.LULC_IGNORE
-    valid = positions < self.num_examples
-    batch["valid"] = valid
-    batch["index"] = np.where(valid, positions, -1).astype(np.int32)
-    return batch
-
-  def _global_batch(self, batch_index: int) -> dict:
-    return self._layout.to_global(self.host_batch(batch_index))
+    return self._stream.host_batch(batch_index)
 
   def close(self) -> None:
-    self._batches.close()
+    self._stream.close()
 
 
 def make_eval_batches(config, source, mesh: jax.sharding.Mesh, *, labels: Sequence[str],
@@ -678,5 +788,5 @@ def make_eval_batches(config, source, mesh: jax.sharding.Mesh, *, labels: Sequen
   layout = batch_layout(mesh, eval_batch_size(config), "eval.batch_size")
   stats = _stats_for(config, stats)
   transform = make_transform(config, labels=labels, train=False, stats=stats)
-  return EvalBatches(source, transform, layout, _read_options(config))
+  return EvalBatches(source, transform, layout, _worker_options(config))
 
