@@ -179,6 +179,28 @@ def test_max_pool_drops_odd_edge_like_torch():
   np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(jnp.asarray(x))), expected)
 
 
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_like_torch():
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 3, size=(2, 7, 6, 3)).astype(np.float32)  # small integers: many tied maxima
+  cotangent = rng.normal(size=(2, 3, 3, 3)).astype(np.float32)
+  _, vjp = jax.vjp(layers.max_pool_2x2, jnp.asarray(x))
+  (grad,) = vjp(jnp.asarray(cotangent))
+  expected = np.zeros_like(x)  # torch: all of a window's gradient to its first maximum, row-major
+  for b, i, j, c in np.ndindex(*cotangent.shape):
+    window = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
+    di, dj = np.unravel_index(np.argmax(window), (2, 2))
+    expected[b, 2 * i + di, 2 * j + dj, c] = cotangent[b, i, j, c]
+  np.testing.assert_array_equal(np.asarray(grad), expected)  # the odd last row gets nothing
+
+
+def test_max_pool_gradient_matches_reduce_window_on_distinct_values():
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 8, 10, 4)).astype(np.float32))
+  loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))  # noqa: E731
+  ours = jax.grad(loss(layers.max_pool_2x2))(x)
+  xla = jax.grad(loss(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))))(x)
+  np.testing.assert_allclose(ours, xla, rtol=1e-6, atol=1e-6)
+
+
 def test_resnet_stem_pool_and_feature_size():
   x = np.random.default_rng(2).normal(size=(1, 9, 9, 2)).astype(np.float32)
   pooled = np.asarray(layers.max_pool_3x3_stride2(jnp.asarray(x)))

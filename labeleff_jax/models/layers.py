@@ -184,13 +184,49 @@ def batch_norm(num_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.B
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """torch's MaxPool2d(2) on NHWC: non-overlapping 2x2 windows, odd trailing rows/columns dropped.
 
-  A reshape + max is used instead of reduce_window: its gradient is a cheap elementwise mask, where
-  reduce_window's (select_and_scatter) is slow on CPU.
+  The gradient goes to one element per window, the first maximum in row-major order (as in torch), chosen
+  in the forward pass and kept. Differentiating `max` instead compares the input with the maximum again in
+  the backward pass, where XLA may recompute the input in a different fusion with different rounding: the
+  gradient then missed or split windows, and the U-Net's first-layer gradients changed by ~50 % under a
+  1e-6 perturbation of the image (torch: 1 %). reduce_window's select_and_scatter gradient is exact too,
+  but slow on CPU.
   """
+  return _max_pool_2x2(x)
+
+
+def _pool_corners(x: jax.Array) -> list:
+  """The four elements of every 2x2 window, each [B, H//2, W//2, C], in row-major window order."""
   batch, height, width, channels = x.shape
-  x = x[:, : height // 2 * 2, : width // 2 * 2, :]
-  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
-  return x.max(axis=(2, 4))
+  x = x[:, : height // 2 * 2, : width // 2 * 2, :].reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return [x[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)]
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x):
+  return _max_pool_2x2_fwd(x)[0]
+
+
+def _max_pool_2x2_fwd(x):
+  corners = _pool_corners(x)
+  pooled = jnp.maximum(jnp.maximum(corners[0], corners[1]), jnp.maximum(corners[2], corners[3]))
+  # Index of the first corner equal to the maximum (computed with the maximum, so they agree).
+  winner = jnp.full(pooled.shape, 3, jnp.int8)
+  for index in (2, 1, 0):
+    winner = jnp.where(corners[index] == pooled, jnp.int8(index), winner)
+  return pooled, (winner, x.shape)
+
+
+def _max_pool_2x2_bwd(residuals, grad):
+  winner, shape = residuals
+  batch, height, width, channels = shape
+  zero = jnp.zeros_like(grad)
+  corners = [jnp.where(winner == index, grad, zero) for index in range(4)]
+  rows = [jnp.stack(corners[2 * i:2 * i + 2], axis=3) for i in (0, 1)]  # [B, H//2, W//2, 2, C]
+  dx = jnp.stack(rows, axis=2).reshape(batch, height // 2 * 2, width // 2 * 2, channels)
+  return (jnp.pad(dx, ((0, 0), (0, height % 2), (0, width % 2), (0, 0))),)
+
+
+_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
