@@ -18,7 +18,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import mmap
 import multiprocessing
+import os
 import pickle
 import queue
 import sys
@@ -33,6 +35,8 @@ import numpy as np
 # XLA's CPU client aliases a numpy array instead of copying it when the data is aligned to 64 bytes; a copy
 # of a 32 x 120 x 120 batch (~50 MB with a one-hot land-cover input) cost ~0.5 ms of CPU per example.
 HOST_ALIGNMENT = 64
+# Where Linux exposes POSIX shared memory (multiprocessing.shared_memory's segments) as files.
+_SHM_DIR = "/dev/shm"
 # How long the main process waits for a result before it checks that the workers are still alive.
 _POLL_SECONDS = 1.0
 
@@ -142,8 +146,10 @@ class BufferPool:
     if not self._shared:
       return np.empty(size, np.uint8)
     segment = shared_memory.SharedMemory(create=True, size=size)
-    self._segments.append(segment)
-    return np.ndarray((size,), np.uint8, buffer=segment.buf)
+    arena = map_shared(segment.name, size)
+    segment.close()  # the segment's own mapping; the arena has its own (see map_shared)
+    self._segments.append(segment)  # for the name, and to unlink it at close
+    return arena
 
   def take(self) -> tuple[int, dict]:
     """(arena id, a batch of uninitialised arrays in that arena)."""
@@ -176,11 +182,23 @@ class WorkerError(RuntimeError):
   """A batch failed in a worker process; the message carries the worker's traceback."""
 
 
-def _attach(name: str, size: int) -> tuple:
-  # A spawned worker shares its parent's resource tracker, so attaching registers nothing new there, and
-  # the parent alone unlinks the segment.
-  segment = shared_memory.SharedMemory(name=name)
-  return segment, np.ndarray((size,), np.uint8, buffer=segment.buf)
+def map_shared(name: str, size: int) -> np.ndarray:
+  """Maps the named shared-memory segment as a writable uint8 array that keeps the mapping alive.
+
+  Not SharedMemory.buf: numpy lets go of a buffer export right away and keeps only a reference, so
+  SharedMemory.close() (also run by its __del__) would unmap memory that arrays still point to. An mmap
+  object referenced by the array is unmapped only when the last array using it is gone.
+  """
+  path = os.path.join(_SHM_DIR, name.lstrip("/"))
+  if not os.path.isdir(_SHM_DIR):
+    raise OSError(f"{_SHM_DIR} does not exist: worker processes need Linux shared memory; set "
+                  "data.worker_type='thread' (or data.num_workers=0).")
+  descriptor = os.open(path, os.O_RDWR)
+  try:
+    mapping = mmap.mmap(descriptor, size)
+  finally:
+    os.close(descriptor)
+  return np.frombuffer(mapping, np.uint8)
 
 
 def _worker_main(filler_bytes: bytes, layout: BufferLayout, tasks, results) -> None:
@@ -200,8 +218,8 @@ def _worker_main(filler_bytes: bytes, layout: BufferLayout, tasks, results) -> N
     start = time.process_time()
     try:
       if name not in attached:
-        attached[name] = _attach(name, layout.nbytes + HOST_ALIGNMENT)
-      filler.fill(batch_index, layout.views(attached[name][1]))
+        attached[name] = map_shared(name, layout.nbytes + HOST_ALIGNMENT)
+      filler.fill(batch_index, layout.views(attached[name]))
       results.put((batch_index, None, time.process_time() - start))
     except BaseException as error:  # pylint: disable=broad-except
       results.put((batch_index, _describe(error), time.process_time() - start))
