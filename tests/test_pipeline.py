@@ -530,3 +530,13 @@ def test_recycled_buffers_never_show_an_earlier_batch(mesh):
     for row in np.flatnonzero(valid):
       np.testing.assert_allclose(batch["inputs"]["s2"][row],
                                  preprocess.normalize(source[int(expected["index"][row])], ["s2"])["s2"])
+
+
+def test_a_killed_worker_process_is_reported_not_waited_for(mesh):
+  iterator = pipeline.make_train_iterator(make_config(num_workers=2), InMemoryBenGe(16), mesh, labels=["lulc"])
+  next(iterator)
+  for worker in iterator._stream._reader._workers:  # pylint: disable=protected-access
+    worker.kill()
+  with pytest.raises(host_batches.WorkerError, match="exited with code"):
+    for _ in range(10):  # batches filled before the kill may still come out first
+      next(iterator)
