@@ -12,6 +12,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import labeleff_jax  # noqa: F401  (first: it adds the project's XLA flags before jax starts a backend)
+
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and the summary.")

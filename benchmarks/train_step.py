@@ -87,7 +87,8 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
   return {"images_per_s": batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
           "first_step_s": first_step_s, "build_s": build_s, "num_params": int(num_params),
           "first_loss": float(metrics["loss"]), "first_grad_norm": float(metrics["grad_norm"]),
-          "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps}
+          "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps,
+          "xla_flags_effective": os.environ.get("XLA_FLAGS", "")}  # labeleff_jax adds its defaults
 
 
 def supervised_config(batch_size: int, dtype: str):
