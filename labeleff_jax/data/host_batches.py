@@ -256,7 +256,8 @@ class ProcessReader:
       filler_bytes = pickle.dumps(filler)
     except Exception as error:  # pylint: disable=broad-except
       raise TypeError(f"data.num_workers > 0 runs the input pipeline in worker processes, which need a "
-                      f"picklable data source; this one is not ({error}). Use data.num_workers=0.") from error
+                      f"picklable data source; this one is not ({error}). Use data.worker_type='thread' or "
+                      "data.num_workers=0.") from error
     context = multiprocessing.get_context("spawn")  # fork is unsafe once jax runs threads
     self._pool = pool
     self._tasks = context.Queue()
