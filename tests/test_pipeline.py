@@ -533,7 +533,8 @@ def test_recycled_buffers_never_show_an_earlier_batch(mesh):
 
 
 def test_a_killed_worker_process_is_reported_not_waited_for(mesh):
-  iterator = pipeline.make_train_iterator(make_config(num_workers=2), InMemoryBenGe(16), mesh, labels=["lulc"])
+  iterator = pipeline.make_train_iterator(make_config(num_workers=2), InMemoryBenGe(16), mesh,
+                                          labels=["lulc"])
   next(iterator)
   for worker in iterator._stream._reader._workers:  # pylint: disable=protected-access
     worker.kill()

@@ -9,8 +9,8 @@ Free of jax on purpose: worker processes import this module (and preprocess) and
 - `ProcessReader` runs a picklable batch filler (`fill(batch_index, out)`) in spawned worker processes that
   write each batch straight into a shared arena; the main process only wraps the arena as numpy arrays,
   which jax adopts without a copy on CPU. Threads cannot do this work in parallel: the per-example decoding
-  and bookkeeping hold the GIL, and on a 2-core machine two grain threads made 1.15x the batches of the
-  caller alone, two processes 1.69x (benchmarks/input_pipeline.py).
+  and bookkeeping hold the GIL, and on a 2-core machine two grain threads made 1.07-1.15x the batches of the
+  caller alone, two processes 1.49-1.69x (benchmarks/input_pipeline.py, two runs).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Design, in short:
   training batches straight into shared memory (host_batches.ProcessReader); with 'thread', a grain
   `MapDataset` of step -> batch is read ahead by that many threads (evaluation passes always use threads);
   0 workers make each batch in the caller's thread. Processes, because the per-example decoding and
-  bookkeeping hold the GIL: on two cores two threads made 1.15x the batches of the caller alone, two
-  processes 1.69x (benchmarks/input_pipeline.py, which also measures a GeoTIFF loader like the reference's).
+  bookkeeping hold the GIL: on two cores two threads made 1.07-1.15x the batches of the caller alone,
+  two processes 1.49-1.69x (benchmarks/input_pipeline.py, which also times a reference-style loader).
 - Rows are transformed straight into batch buffers (geometry as strided views of the raw rasters, then one
   fused float32 conversion), so each image is copied once on the host; the buffers are recycled once no
   array refers to them (host_batches.BufferPool), so the kernel does not fault in fresh pages per batch.
@@ -573,7 +573,8 @@ class _BatchStream:
       self._reader = host_batches.ProcessReader(rows, self._pool, num_workers=workers.num_workers,
                                                 depth=workers.read_ahead, num_batches=num_batches)
     else:
-      dataset = grain.MapDataset.range(num_batches).map(lambda index: layout.to_global(self.host_batch(index)))
+      dataset = grain.MapDataset.range(num_batches).map(
+          lambda index: layout.to_global(self.host_batch(index)))
       self._batches = iter(dataset.to_iter_dataset(workers.grain_read_options()))
 
   def host_batch(self, index: int) -> dict:
