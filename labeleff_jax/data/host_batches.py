@@ -1,6 +1,7 @@
 """Host memory for input batches, and the worker processes that fill it in place (data.num_workers > 0).
 
-Free of jax on purpose: worker processes import this module (and preprocess) and nothing heavier.
+Numpy and the standard library only: no jax here, and no device is ever touched in a worker process
+(the row fillers they unpickle import jax's modules but never start a backend).
 
 - `BufferLayout` carves a nested dict of row-major arrays (one batch) out of one flat byte arena.
 - `BufferPool` recycles arenas once nothing refers to them any more: a fresh ~50 MB batch is fresh pages,
