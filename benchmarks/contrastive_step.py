@@ -12,7 +12,6 @@ torch_reference.py's DualEncoder with the same NT-Xent and Adam (benchmarks/torc
 """
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -53,10 +52,7 @@ def main():
             "command": " ".join(["python", "benchmarks/contrastive_step.py"] + sys.argv[1:]),
             "environment": env, "runs": runs, "ratios": bench.summarize(runs, [BATCH]),
             "onednn_numerics": bench.numerics(runs)}
-  text = json.dumps(report, indent=2)
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(text + "\n")
-  print(text)
+  bench.write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,14 @@ def summarize(runs: list[dict], batches: list[int]) -> dict:
   return out
 
 
+def write_report(report: dict, out: str) -> None:
+  """Writes the JSON report to `out` and prints it."""
+  text = json.dumps(report, indent=2)
+  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+  pathlib.Path(out).write_text(text + "\n")
+  print(text)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -336,10 +344,7 @@ def main():
             "command": " ".join(["python", "benchmarks/train_step.py"] + sys.argv[1:]),
             "environment": env, "runs": runs, "ratios": summarize(runs, batches),
             "onednn_numerics": numerics(runs)}
-  text = json.dumps(report, indent=2)
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(text + "\n")
-  print(text)
+  write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -327,8 +327,7 @@ class ProcessReader:
   def seek(self, batch_index: int) -> None:
     """Continue with batch `batch_index`; batches read ahead are discarded."""
     # Workers may still be writing the arenas of batches in flight: wait for them before letting go.
-    while self._pending:
-      self._receive()
+    self.wait_until_idle()
     self._done.clear()
     self._next = self._submitted = batch_index
 
