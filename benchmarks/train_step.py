@@ -9,7 +9,9 @@ mesh, random 120x120x12 inputs. Every configuration (batch x compute dtype x XLA
 subprocess: XLA_FLAGS must be set before jax is imported, and XLA:CPU has no memory statistics, so the peak
 RSS of the child (os.wait4) is the memory figure. The torch configurations (torch_reference.py's `step` in
 float32, benchmarks/torch_step.py under bf16 autocast) run interleaved with the JAX ones, so a change of the
-machine's load hits both sides; the JSON records the load average around every measurement.
+machine's load hits both sides; the JSON records the load average around every measurement. JAX workers
+set up their process like main.py (labeleff_jax's XLA flags, glibc.malloc.hugetlb=1); torch runs as
+installed.
 
 oneDNN numerics: every JAX configuration reports the loss and gradient norm of its first step (same seed,
 same inputs); the JSON compares them with and without `--xla_cpu_use_onednn=true`.
@@ -88,7 +90,8 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
           "first_step_s": first_step_s, "build_s": build_s, "num_params": int(num_params),
           "first_loss": float(metrics["loss"]), "first_grad_norm": float(metrics["grad_norm"]),
           "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps,
-          "xla_flags_effective": os.environ.get("XLA_FLAGS", "")}  # labeleff_jax adds its defaults
+          "xla_flags_effective": os.environ.get("XLA_FLAGS", ""),  # labeleff_jax adds its defaults
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def supervised_config(batch_size: int, dtype: str):
@@ -318,6 +321,9 @@ def main():
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
   args = parser.parse_args()
   if args.worker:
+    sys.path.insert(0, str(REPO))
+    import labeleff_jax  # pylint: disable=g-import-not-at-top
+    labeleff_jax.reexec_with_huge_page_malloc()  # the same process setup as main.py
     print(json.dumps(worker(json.loads(args.worker))))
     return
 

@@ -172,6 +172,41 @@ def test_conv_kernel_gradient_matches_xla(shape, kernel, stride, pad):
   np.testing.assert_allclose(ours[1], xla[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, cout", [((2, 13, 12, 5), 7), ((1, 16, 16, 8), 3)])
+def test_winograd_conv_matches_xla(shape, cout):
+  """Eligible 3x3 convolutions take the Winograd path on CPU and agree with XLA's direct convolution."""
+  rng = np.random.default_rng(shape[1])
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) / 3, jnp.float32)
+  padding = ((1, 1), (1, 1))
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  assert layers.winograd_applies(x.shape, w.shape, (1, 1), padding, jnp.float32)
+
+  def loss(conv_fn, x, w):
+    return jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), padding, dimension_numbers=numbers)))
+
+  ours = jax.jit(jax.value_and_grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1)))
+  compiled = ours.lower(x, w).compile().as_text()
+  assert "convolution(" not in compiled and " dot(" in compiled  # the matmul form, not XLA's conv
+  (value, grads) = ours(x, w)
+  (xla_value, xla_grads) = jax.value_and_grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))(x, w)
+  np.testing.assert_allclose(value, xla_value, rtol=1e-5)
+  np.testing.assert_allclose(layers.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=numbers),
+                             jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=numbers),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[0], xla_grads[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[1], xla_grads[1], rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_only_where_it_pays():
+  padding = ((1, 1), (1, 1))
+  assert not layers.winograd_applies((8, 7, 7, 512), (3, 3, 512, 512), (1, 1), padding, jnp.float32)  # too few tiles
+  assert not layers.winograd_applies((8, 60, 60, 64), (3, 3, 64, 64), (2, 2), padding, jnp.float32)
+  assert not layers.winograd_applies((8, 60, 60, 64), (1, 1, 64, 64), (1, 1), ((0, 0), (0, 0)), jnp.float32)
+  assert not layers.winograd_applies((8, 60, 60, 64), (3, 3, 64, 64), (1, 1), padding, jnp.bfloat16)
+  assert layers.winograd_applies((8, 15, 15, 512), (3, 3, 512, 512), (1, 1), padding, jnp.float32)
+
+
 def test_max_pool_drops_odd_edge_like_torch():
   x = np.random.default_rng(1).normal(size=(2, 7, 5, 3)).astype(np.float32)
   expected = np.array([[x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2)) for j in range(2)]
