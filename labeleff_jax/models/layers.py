@@ -80,33 +80,47 @@ def resolve_dtype(name: str) -> Any:
 #    positions of input patches times output gradients, i.e. one matmul per kernel tap (kh * kw matmuls
 #    contracting over batch and positions), 2-8x faster here. Im2col (one GEMM over all taps) and
 #    flattened-offset variants were measured too and were slower.
-# 2. Winograd F(2x2, 3x3) (Lavin & Gray, 2016) for the 3x3 / stride 1 / pad 1 float32 convolutions that
-#    dominate the U-Net: every 2x2 output tile costs 16 multiply-adds per channel pair instead of 36, in 16
-#    independent matmuls, with cheap additions around them. Forward, input gradient (the same convolution of
-#    the output gradient with the flipped kernel) and kernel gradient all use it. Measured on the 2-core CPU
-#    (fwd + bwd of one layer, batch 8, float32, vs the direct convolution with rewrite 1): 2.4x at 120 px /
-#    64 channels, 1.8x at 60 px and 30 px, 1.1x at 15 px, 0.7x at 7 px (the tiles are too few), hence the
-#    size threshold. Results differ from the direct convolution by float32 rounding (~1e-6 relative).
+# 2. Winograd convolution (Lavin & Gray, 2016) for the 3x3 / stride 1 / pad 1 float32 convolutions that
+#    dominate the U-Net. F(m x m, 3 x 3) computes an m x m output tile from an (m+2) x (m+2) input window
+#    with (m+2)^2 multiply-adds per channel pair instead of 9 m^2 (F(2x2): 16 vs 36, F(4x4): 36 vs 144), as
+#    (m+2)^2 independent matmuls with cheap additions around them. Forward, input gradient (the same
+#    convolution of the output gradient with the flipped kernel) and kernel gradient all use it; the
+#    backward pass recomputes the input transform instead of keeping it (it is 2.25-4x the input).
+#    Measured on the 2-core CPU, fwd + bwd of one layer at batch 8 vs the direct convolution with rewrite 1:
+#    F(2x2) 2.4x at 120 px / 64 channels, 1.8x at 60 and 30 px, 1.1x at 15 px, 0.7x at 7 px (too few
+#    tiles). In the whole U-Net step, F(4x4) at 120 px cut another 11 % of the step time and was slower
+#    at 60 and 30 px: WINOGRAD_TILE_BY_MIN_SIZE encodes those measurements. Results differ from the direct
+#    convolution by float32 rounding: ~1e-6 relative for F(2x2), ~1e-5 for F(4x4).
 # ---------------------------------------------------------------------------------------------------------
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
-# F(2x2, 3x3): input transform B^T, kernel transform G, output transform A^T (Lavin & Gray, eq. 7).
-_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
-_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
-# Smallest output height and width that gets Winograd: below it the padded tiles waste too much.
-WINOGRAD_MIN_SIZE = 12
+# Winograd transforms F(m x m, 3 x 3) by output tile size m (Lavin & Gray, 2016): input transform B^T,
+# kernel transform G, output transform A^T. Tiles of m + 2 input pixels overlap by 2.
+_WINOGRAD = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float32),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                  [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float32),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                  [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float32),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+                 np.float32)),
+}
+# (smallest output side, tile), first match wins: F(4x4) from 90 px, F(2x2) from 12 px, direct below.
+WINOGRAD_TILE_BY_MIN_SIZE = ((90, 4), (12, 2))
 
 
 def _xla_conv(x, w, strides, padding):
   return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
-def winograd_applies(x_shape, w_shape, strides, padding, dtype) -> bool:
-  """Whether the CPU path computes this NHWC/HWIO convolution with Winograd F(2x2, 3x3)."""
-  return (tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) ==
-          ((1, 1), (1, 1)) and jnp.dtype(dtype) == jnp.float32
-          and min(x_shape[1], x_shape[2]) >= WINOGRAD_MIN_SIZE)
+def winograd_tile(x_shape, w_shape, strides, padding, dtype) -> int | None:
+  """The output tile size of the Winograd convolution the CPU path uses here, None for the direct one."""
+  if not (tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+          and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and jnp.dtype(dtype) == jnp.float32):
+    return None
+  return next((tile for size, tile in WINOGRAD_TILE_BY_MIN_SIZE if min(x_shape[1], x_shape[2]) >= size), None)
 
 
 def _linear_combination(coefficients, arrays):
@@ -120,58 +134,67 @@ def _linear_combination(coefficients, arrays):
   return total
 
 
-def _tiles(height: int, width: int) -> tuple[int, int]:
-  return -(-height // 2), -(-width // 2)
+def _tiles(height: int, width: int, tile: int) -> tuple[int, int]:
+  return -(-height // tile), -(-width // tile)
 
 
-def _winograd_input_tiles(x: jax.Array) -> list:
-  """B^T d B of every 4x4 input tile d (stride 2, the input padded by 1): 16 arrays [tiles, channels].
+def _winograd_input_tiles(x: jax.Array, tile: int) -> list:
+  """B^T d B of every (tile+2)^2 input window d (stride tile, input padded by 1): (tile+2)^2 arrays
+  [windows, channels].
 
-  Sixteen separate arrays, not one stacked [16, tiles, channels] array: XLA:CPU computes each as its own
+  Separate arrays, not one stacked [(tile+2)^2, windows, channels] array: XLA:CPU computes each as its own
   fused loop over strided slices, 3-4x faster than the concatenation a stack becomes.
   """
+  bt = _WINOGRAD[tile][0]
+  size = tile + 2
   batch, height, width, channels = x.shape
-  tiles_h, tiles_w = _tiles(height, width)
-  padded = jnp.pad(x, ((0, 0), (1, 2 * tiles_h + 1 - height), (1, 2 * tiles_w + 1 - width), (0, 0)))
-  window = [padded[:, i:i + 2 * tiles_h - 1:2, j:j + 2 * tiles_w - 1:2] for i in range(4) for j in range(4)]
-  return [_linear_combination(np.outer(_WINOGRAD_BT[a], _WINOGRAD_BT[b]).ravel(), window).reshape(-1, channels)
-          for a in range(4) for b in range(4)]
+  tiles_h, tiles_w = _tiles(height, width, tile)
+  padded = jnp.pad(x, ((0, 0), (1, tile * tiles_h + 1 - height), (1, tile * tiles_w + 1 - width), (0, 0)))
+  window = [padded[:, i:i + tile * (tiles_h - 1) + 1:tile, j:j + tile * (tiles_w - 1) + 1:tile]
+            for i in range(size) for j in range(size)]
+  return [_linear_combination(np.outer(bt[a], bt[b]).ravel(), window).reshape(-1, channels)
+          for a in range(size) for b in range(size)]
 
 
-def _winograd_output(products: list, output_shape) -> jax.Array:
-  """A^T M A of the 16 transformed products [tiles, channels]: the output, 2x2 pixels per tile."""
+def _winograd_output(products: list, output_shape, tile: int) -> jax.Array:
+  """A^T M A of the transformed products [windows, channels]: the output, tile x tile pixels per window."""
+  at = _WINOGRAD[tile][2]
   batch, height, width, channels = output_shape
-  tiles_h, tiles_w = _tiles(height, width)
+  tiles_h, tiles_w = _tiles(height, width, tile)
   products = [m.reshape(batch, tiles_h, tiles_w, channels) for m in products]
-  pixels = [[_linear_combination(np.outer(_WINOGRAD_AT[p], _WINOGRAD_AT[q]).ravel(), products) for q in range(2)]
-            for p in range(2)]
-  y = jnp.stack([jnp.stack(row, axis=3) for row in pixels], axis=2)  # [B, tiles_h, 2, tiles_w, 2, C]
-  return y.reshape(batch, 2 * tiles_h, 2 * tiles_w, channels)[:, :height, :width]
+  pixels = [[_linear_combination(np.outer(at[p], at[q]).ravel(), products) for q in range(tile)]
+            for p in range(tile)]
+  y = jnp.stack([jnp.stack(row, axis=3) for row in pixels], axis=2)  # [B, tiles_h, tile, tiles_w, tile, C]
+  return y.reshape(batch, tile * tiles_h, tile * tiles_w, channels)[:, :height, :width]
 
 
-def winograd_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
-  """3x3 convolution, stride 1, padding 1, NHWC/HWIO, by Winograd F(2x2, 3x3): 16 matmuls."""
-  kernel = jnp.einsum("ai,ijco,bj->abco", _WINOGRAD_G, w, _WINOGRAD_G)
-  inputs = _winograd_input_tiles(x)
-  products = [v @ kernel[k // 4, k % 4] for k, v in enumerate(inputs)]
-  return _winograd_output(products, x.shape[:3] + (w.shape[-1],))
+def winograd_conv3x3(x: jax.Array, w: jax.Array, tile: int = 2) -> jax.Array:
+  """3x3 convolution, stride 1, padding 1, NHWC/HWIO, by Winograd F(tile x tile, 3x3)."""
+  g = _WINOGRAD[tile][1]
+  size = tile + 2
+  kernel = jnp.einsum("ai,ijco,bj->abco", g, w, g)
+  inputs = _winograd_input_tiles(x, tile)
+  products = [v @ kernel[k // size, k % size] for k, v in enumerate(inputs)]
+  return _winograd_output(products, x.shape[:3] + (w.shape[-1],), tile)
 
 
-def winograd_kernel_gradient(x: jax.Array, dy: jax.Array) -> jax.Array:
-  """d(loss)/d(kernel) of winograd_conv3x3: G^T (V^T (A dy A^T)) G, 16 matmuls over the tiles."""
+def winograd_kernel_gradient(x: jax.Array, dy: jax.Array, tile: int = 2) -> jax.Array:
+  """d(loss)/d(kernel) of winograd_conv3x3: G^T (V^T (A dy A^T)) G, one matmul per transformed position."""
+  _, g, at = _WINOGRAD[tile]
+  size = tile + 2
   batch, height, width, channels = dy.shape
-  tiles_h, tiles_w = _tiles(height, width)
-  dy = jnp.pad(dy, ((0, 0), (0, 2 * tiles_h - height), (0, 2 * tiles_w - width), (0, 0)))
-  pixels = [dy[:, p::2, q::2] for p in range(2) for q in range(2)]
-  inputs = _winograd_input_tiles(x)
+  tiles_h, tiles_w = _tiles(height, width, tile)
+  dy = jnp.pad(dy, ((0, 0), (0, tile * tiles_h - height), (0, tile * tiles_w - width), (0, 0)))
+  pixels = [dy[:, p::tile, q::tile] for p in range(tile) for q in range(tile)]
+  inputs = _winograd_input_tiles(x, tile)
   grads = []
   for k, v in enumerate(inputs):
-    a, b = divmod(k, 4)
-    dm = _linear_combination(np.outer(_WINOGRAD_AT[:, a], _WINOGRAD_AT[:, b]).ravel(), pixels)
+    a, b = divmod(k, size)
+    dm = _linear_combination(np.outer(at[:, a], at[:, b]).ravel(), pixels)
     grads.append(jax.lax.dot_general(v, dm.reshape(-1, channels), (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32))
-  grads = jnp.stack(grads).reshape(4, 4, x.shape[-1], channels)
-  return jnp.einsum("ai,abco,bj->ijco", _WINOGRAD_G, grads, _WINOGRAD_G)
+  grads = jnp.stack(grads).reshape(size, size, x.shape[-1], channels)
+  return jnp.einsum("ai,abco,bj->ijco", g, grads, g)
 
 
 def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple, strides, padding) -> jax.Array:
@@ -193,10 +216,12 @@ def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple, strides, p
 
 
 def _conv_forward(x, w, strides, padding):
-  if not winograd_applies(x.shape, w.shape, strides, padding, x.dtype):
+  tile = winograd_tile(x.shape, w.shape, strides, padding, x.dtype)
+  if tile is None:
     return _xla_conv(x, w, strides, padding)
   return jax.lax.platform_dependent(
-      x, w, cpu=winograd_conv3x3, default=lambda x, w: _xla_conv(x, w, strides, padding))
+      x, w, cpu=functools.partial(winograd_conv3x3, tile=tile),
+      default=lambda x, w: _xla_conv(x, w, strides, padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -216,11 +241,12 @@ def _conv_nhwc_bwd(strides, padding, residuals, dy):
     return vjp(dy)
 
   def cpu_gradients(x, w, dy):
-    if winograd_applies(x.shape, w.shape, strides, padding, x.dtype):
+    tile = winograd_tile(x.shape, w.shape, strides, padding, x.dtype)
+    if tile is not None:
       # The input gradient of a 'same' 3x3 convolution is the same convolution of dy with the kernel
       # flipped in space and transposed in channels.
-      dx = winograd_conv3x3(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
-      return dx, winograd_kernel_gradient(x, dy).astype(w.dtype)
+      dx = winograd_conv3x3(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), tile)
+      return dx, winograd_kernel_gradient(x, dy, tile).astype(w.dtype)
     _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
     (dx,) = input_vjp(dy)
     return dx, kernel_gradient(x, dy, w.shape, strides, padding).astype(w.dtype)
