@@ -147,7 +147,7 @@ def _winograd_input_tiles(x: jax.Array, tile: int) -> list:
   """
   bt = _WINOGRAD[tile][0]
   size = tile + 2
-  batch, height, width, channels = x.shape
+  _, height, width, channels = x.shape
   tiles_h, tiles_w = _tiles(height, width, tile)
   padded = jnp.pad(x, ((0, 0), (1, tile * tiles_h + 1 - height), (1, tile * tiles_w + 1 - width), (0, 0)))
   window = [padded[:, i:i + tile * (tiles_h - 1) + 1:tile, j:j + tile * (tiles_w - 1) + 1:tile]
@@ -182,7 +182,7 @@ def winograd_kernel_gradient(x: jax.Array, dy: jax.Array, tile: int = 2) -> jax.
   """d(loss)/d(kernel) of winograd_conv3x3: G^T (V^T (A dy A^T)) G, one matmul per transformed position."""
   _, g, at = _WINOGRAD[tile]
   size = tile + 2
-  batch, height, width, channels = dy.shape
+  _, height, width, channels = dy.shape
   tiles_h, tiles_w = _tiles(height, width, tile)
   dy = jnp.pad(dy, ((0, 0), (0, tile * tiles_h - height), (0, tile * tiles_w - width), (0, 0)))
   pixels = [dy[:, p::tile, q::tile] for p in range(tile) for q in range(tile)]
