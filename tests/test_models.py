@@ -172,7 +172,7 @@ def test_conv_kernel_gradient_matches_xla(shape, kernel, stride, pad):
   np.testing.assert_allclose(ours[1], xla[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape, cout, tile", [((2, 13, 12, 5), 7, 2), ((1, 16, 16, 8), 3, 2),
+@pytest.mark.parametrize("shape, cout, tile", [((2, 13, 12, 5), 7, 3), ((1, 16, 16, 8), 3, 3),
                                                ((1, 91, 90, 3), 4, 4)])
 def test_winograd_conv_matches_xla(shape, cout, tile):
   """Eligible 3x3 convolutions take the Winograd path on CPU and agree with XLA's direct convolution."""
@@ -192,14 +192,29 @@ def test_winograd_conv_matches_xla(shape, cout, tile):
   value, grads = ours(x, w)
   xla_value, xla_grads = jax.value_and_grad(
       lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))(x, w)
-  # F(4x4, 3x3)'s transforms have larger constants (up to 8 and 1/24): ~10x the rounding of F(2x2, 3x3).
-  tolerance = 1e-5 if tile == 2 else 1e-4
+  # F(4x4, 3x3)'s transforms have larger constants (up to 8 and 1/24): ~10x the rounding of F(3x3, 3x3).
+  tolerance = 1e-5 if tile < 4 else 1e-4
   np.testing.assert_allclose(value, xla_value, rtol=tolerance)
   np.testing.assert_allclose(layers.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=numbers),
                              jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=numbers),
                              rtol=tolerance, atol=tolerance)
   np.testing.assert_allclose(grads[0], xla_grads[0], rtol=tolerance, atol=tolerance)
   np.testing.assert_allclose(grads[1], xla_grads[1], rtol=10 * tolerance, atol=10 * tolerance)
+
+
+@pytest.mark.parametrize("tile", [2, 3, 4])
+def test_winograd_every_tile_size_matches_xla(tile):
+  rng = np.random.default_rng(tile)
+  x = jnp.asarray(rng.normal(size=(2, 11, 14, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)) / 3, jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(2, 11, 14, 6)), jnp.float32)
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  tolerance = 1e-5 if tile < 4 else 1e-4
+  np.testing.assert_allclose(layers.winograd_conv3x3(x, w, tile), conv(x, w), rtol=tolerance, atol=tolerance)
+  kernel_grad = jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+  np.testing.assert_allclose(layers.winograd_kernel_gradient(x, dy, tile), kernel_grad, rtol=10 * tolerance,
+                             atol=10 * tolerance)
 
 
 def test_winograd_only_where_it_pays():
@@ -209,8 +224,8 @@ def test_winograd_only_where_it_pays():
     return layers.winograd_tile(x_shape, (kernel, kernel, x_shape[-1], 64), (stride, stride), pad, dtype)
 
   assert tile((8, 7, 7, 512)) is None  # too few tiles
-  assert tile((8, 15, 15, 512)) == 2 and tile((8, 30, 30, 256)) == 2
-  assert tile((8, 60, 60, 128)) == 2 and tile((8, 120, 120, 64)) == 4
+  assert tile((8, 15, 15, 512)) == 3 and tile((8, 30, 30, 256)) == 3
+  assert tile((8, 60, 60, 128)) == 3 and tile((8, 120, 120, 64)) == 4
   assert tile((8, 60, 60, 64), stride=2) is None
   assert tile((8, 60, 60, 64), kernel=1, pad=((0, 0), (0, 0))) is None
   assert tile((8, 60, 60, 64), dtype=jnp.bfloat16) is None

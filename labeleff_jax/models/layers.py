@@ -82,24 +82,33 @@ def resolve_dtype(name: str) -> Any:
 #    flattened-offset variants were measured too and were slower.
 # 2. Winograd convolution (Lavin & Gray, 2016) for the 3x3 / stride 1 / pad 1 float32 convolutions that
 #    dominate the U-Net. F(m x m, 3 x 3) computes an m x m output tile from an (m+2) x (m+2) input window
-#    with (m+2)^2 multiply-adds per channel pair instead of 9 m^2 (F(2x2): 16 vs 36, F(4x4): 36 vs 144), as
-#    (m+2)^2 independent matmuls with cheap additions around them. Forward, input gradient (the same
-#    convolution of the output gradient with the flipped kernel) and kernel gradient all use it; the
-#    backward pass recomputes the input transform instead of keeping it (it is 2.25-4x the input).
+#    with (m+2)^2 multiply-adds per channel pair instead of 9 m^2 (F(2x2): 16 vs 36, F(3x3): 25 vs 81,
+#    F(4x4): 36 vs 144), as (m+2)^2 independent matmuls with cheap additions around them. Forward, input
+#    gradient (the same convolution of the output gradient with the flipped kernel) and kernel gradient all
+#    use it; the backward pass recomputes the input transform instead of keeping it (2.25-4x the input).
 #    Measured on the 2-core CPU, fwd + bwd of one layer at batch 8 vs the direct convolution with rewrite 1:
 #    F(2x2) 2.4x at 120 px / 64 channels, 1.8x at 60 and 30 px, 1.1x at 15 px, 0.7x at 7 px (too few
-#    tiles). In the whole U-Net step, F(4x4) at 120 px cut another 11 % of the step time and was slower
-#    at 60 and 30 px: WINOGRAD_TILE_BY_MIN_SIZE encodes those measurements. Results differ from the direct
-#    convolution by float32 rounding: ~1e-6 relative for F(2x2), ~1e-5 for F(4x4).
+#    tiles). Tile sizes by whole U-Net step (batch 8, back to back): F(2x2) from 12 px 2.51 s; F(3x3) there
+#    instead (the U-Net's 60, 30 and 15 px divide by 3: no padded tiles) 2.18-2.22 s, also at 7 px 2.30 s;
+#    F(4x4) at 120 px beat F(3x3) there (2.43 s with F(3x3) everywhere) and lost at 60 and 30 px.
+#    WINOGRAD_TILE_BY_MIN_SIZE encodes those measurements. Results differ from the direct convolution by
+#    float32 rounding: ~1e-6 relative for F(2x2) and F(3x3), ~1e-5 for F(4x4).
 # ---------------------------------------------------------------------------------------------------------
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 # Winograd transforms F(m x m, 3 x 3) by output tile size m (Lavin & Gray, 2016): input transform B^T,
-# kernel transform G, output transform A^T. Tiles of m + 2 input pixels overlap by 2.
+# kernel transform G, output transform A^T (Toom-Cook at the points 0, 1, -1, 2, -2 (as far as needed) and
+# infinity; B^T for m = 3 solved from A^T diag(G g) B^T d = correlation(d, g)). Windows of m + 2 input
+# pixels overlap by 2.
 _WINOGRAD = {
     2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),
         np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], np.float32),
         np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)),
+    3: (np.array([[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0],
+                  [0, 2, -1, -2, 1]], np.float32),
+        np.array([[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3],
+                  [0, 0, 1]], np.float32),
+        np.array([[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]], np.float32)),
     4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
                   [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float32),
         np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
@@ -107,8 +116,8 @@ _WINOGRAD = {
         np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
                  np.float32)),
 }
-# (smallest output side, tile), first match wins: F(4x4) from 90 px, F(2x2) from 12 px, direct below.
-WINOGRAD_TILE_BY_MIN_SIZE = ((90, 4), (12, 2))
+# (smallest output side, tile), first match wins: F(4x4) from 90 px, F(3x3) from 12 px, direct below.
+WINOGRAD_TILE_BY_MIN_SIZE = ((90, 4), (12, 3))
 
 
 def _xla_conv(x, w, strides, padding):
