@@ -177,7 +177,7 @@ def _winograd_output(products: list, output_shape, tile: int) -> jax.Array:
   return y.reshape(batch, tile * tiles_h, tile * tiles_w, channels)[:, :height, :width]
 
 
-def winograd_conv3x3(x: jax.Array, w: jax.Array, tile: int = 2) -> jax.Array:
+def winograd_conv3x3(x: jax.Array, w: jax.Array, tile: int) -> jax.Array:
   """3x3 convolution, stride 1, padding 1, NHWC/HWIO, by Winograd F(tile x tile, 3x3)."""
   g = _WINOGRAD[tile][1]
   size = tile + 2
@@ -187,7 +187,7 @@ def winograd_conv3x3(x: jax.Array, w: jax.Array, tile: int = 2) -> jax.Array:
   return _winograd_output(products, x.shape[:3] + (w.shape[-1],), tile)
 
 
-def winograd_kernel_gradient(x: jax.Array, dy: jax.Array, tile: int = 2) -> jax.Array:
+def winograd_kernel_gradient(x: jax.Array, dy: jax.Array, tile: int) -> jax.Array:
   """d(loss)/d(kernel) of winograd_conv3x3: G^T (V^T (A dy A^T)) G, one matmul per transformed position."""
   _, g, at = _WINOGRAD[tile]
   size = tile + 2
