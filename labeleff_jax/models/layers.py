@@ -180,8 +180,10 @@ def _winograd_output(products: list, output_shape, tile: int) -> jax.Array:
 def _winograd_kernels(w: jax.Array, tile: int) -> list:
   """G g G^T of every input/output channel pair of a 3x3 HWIO kernel: (tile+2)^2 arrays [in, out].
 
-  Elementwise sums of the nine taps, not an einsum with G: XLA:CPU turns that einsum into matmuls with 3 or
-  5 columns, which took ~0.3 s of a 2.3 s U-Net step; these fused loops only stream the weights.
+  One [(tile+2)^2, 9] x [9, in * out] matmul (kron(G, G) on the flattened taps), whose long side is the
+  channel pairs. The einsum "ai,ijco,bj->abco" became matmuls with 3 or 5 columns in XLA:CPU (~0.3 s of a
+  2.3 s batch-8 U-Net step); 25 or 36 elementwise sums of the taps re-read the weights for every output
+  and cost about as much. The gradient goes back the same way, with kron(G, G)^T.
   """
   g = _WINOGRAD[tile][1]
   _, _, cin, cout = w.shape
