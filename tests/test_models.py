@@ -172,6 +172,29 @@ def test_conv_kernel_gradient_matches_xla(shape, kernel, stride, pad):
   np.testing.assert_allclose(ours[1], xla[1], rtol=1e-4, atol=1e-4)
 
 
+def test_pointwise_conv_is_a_matmul_that_matches_xla():
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, 7, 9, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, 1, 6, 3)), jnp.float32)
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  assert layers.is_pointwise(w.shape, (1, 1), ((0, 0), (0, 0)))
+  assert not layers.is_pointwise(w.shape, (2, 2), ((0, 0), (0, 0)))
+  assert not layers.is_pointwise(w.shape, (1, 1), ((1, 1), (1, 1)))
+
+  def loss(conv_fn, x, w):
+    return jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=numbers)))
+
+  values = layers.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=numbers)
+  np.testing.assert_allclose(values, np.einsum("nhwc,co->nhwo", np.asarray(x), np.asarray(w[0, 0])),
+                             rtol=1e-5, atol=1e-5)
+  ours = jax.grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1))
+  xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))(x, w)
+  for got, want in zip(ours(x, w), xla):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  compiled = jax.jit(ours).lower(x, w).compile().as_text()
+  assert "convolution(" not in compiled and " dot(" in compiled
+
+
 @pytest.mark.parametrize("shape, cout, tile", [((2, 13, 12, 5), 7, 3), ((1, 16, 16, 8), 3, 3),
                                                ((1, 91, 90, 3), 4, 4)])
 def test_winograd_conv_matches_xla(shape, cout, tile):
