@@ -90,8 +90,11 @@ def resolve_dtype(name: str) -> Any:
 #    F(2x2) 2.4x at 120 px / 64 channels, 1.8x at 60 and 30 px, 1.1x at 15 px, 0.7x at 7 px (too few
 #    tiles). Tile sizes by whole U-Net step (batch 8, back to back): F(2x2) from 12 px 2.51 s; F(3x3) there
 #    instead (the U-Net's 60, 30 and 15 px divide by 3: no padded tiles) 2.18-2.22 s, also at 7 px 2.30 s;
-#    F(4x4) at 120 px beat F(3x3) there (2.43 s with F(3x3) everywhere) and lost at 60 and 30 px.
-#    WINOGRAD_TILE_BY_MIN_SIZE encodes those measurements. Results differ from the direct convolution by
+#    F(4x4) at 120 px beat F(3x3) there (2.43 s with F(3x3) everywhere) and lost at 60 and 30 px. Rerun
+#    after the kernel transforms became one matmul (_winograd_kernels), medians of 6 steps: F(3x3) from
+#    12 px 2.09 s, F(4x4) from 60 px 2.11 s, from 30 px 2.14 s; per layer (fwd + bwd), F(5x5) (points 0,
+#    +-1, +-2, 1/2) at 15-60 px and F(6x6) at 30-120 px were slower than F(3x3) / F(4x4) at every size:
+#    more, smaller matmuls that re-read more transformed weights. WINOGRAD_TILE_BY_MIN_SIZE encodes this. Results differ from the direct convolution by
 #    float32 rounding: ~1e-6 relative for F(2x2) and F(3x3), ~1e-5 for F(4x4).
 # 3. Pointwise (1x1) convolutions as matmuls over channels (pointwise_conv).
 # ---------------------------------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ def winograd_kernel_gradient(x: jax.Array, dy: jax.Array, tile: int) -> jax.Arra
   for k, v in enumerate(inputs):
     a, b = divmod(k, size)
     dm = _linear_combination(np.outer(at[:, a], at[:, b]).ravel(), pixels)
-    grads.append(jax.lax.dot_general(v.reshape(-1, v.shape[-1]), dm.reshape(-1, channels), (((0,), (0,)), ((), ())),
+    grads.append(jax.lax.dot_general(v, dm.reshape(-1, channels), (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32))
   grads = jnp.stack(grads).reshape(size * size, -1)
   return jnp.dot(np.kron(g, g).T, grads).reshape(3, 3, x.shape[-1], channels)
