@@ -94,8 +94,9 @@ def resolve_dtype(name: str) -> Any:
 #    after the kernel transforms became one matmul (_winograd_kernels), medians of 6 steps: F(3x3) from
 #    12 px 2.09 s, F(4x4) from 60 px 2.11 s, from 30 px 2.14 s; per layer (fwd + bwd), F(5x5) (points 0,
 #    +-1, +-2, 1/2) at 15-60 px and F(6x6) at 30-120 px were slower than F(3x3) / F(4x4) at every size:
-#    more, smaller matmuls that re-read more transformed weights. WINOGRAD_TILE_BY_MIN_SIZE encodes this. Results differ from the direct convolution by
-#    float32 rounding: ~1e-6 relative for F(2x2) and F(3x3), ~1e-5 for F(4x4).
+#    more, smaller matmuls that re-read more transformed weights. WINOGRAD_TILE_BY_MIN_SIZE encodes this.
+#    Results differ from the direct convolution by float32 rounding: ~1e-6 relative for F(2x2) and F(3x3),
+#    ~1e-5 for F(4x4).
 # 3. Pointwise (1x1) convolutions as matmuls over channels (pointwise_conv).
 # ---------------------------------------------------------------------------------------------------------
 _NHWC = ("NHWC", "HWIO", "NHWC")
