@@ -195,6 +195,28 @@ def log(result: dict) -> None:
   print(json.dumps({k: result[k] for k in keys if k in result}), file=sys.stderr, flush=True)
 
 
+# Kernel settings that decide what a freshly faulted page costs. On a VM with free page reporting (a virtio
+# balloon; `min_free_ms` 0 reports a freed 2 MiB block to the host at once), memory that XLA:CPU frees after
+# one step and faults in again in the next comes back from the host, which made most batch-8 steps here
+# ~0.3 s slower (benchmarks/README.md). Absent files are left out.
+KERNEL_MEMORY_FILES = {
+    "transparent_hugepage": "/sys/kernel/mm/transparent_hugepage/enabled",
+    "transparent_hugepage_defrag": "/sys/kernel/mm/transparent_hugepage/defrag",
+    "page_reporting_order": "/sys/module/page_reporting/parameters/page_reporting_order",
+    "page_reporting_min_free_ms": "/sys/module/page_reporting/parameters/min_free_ms",
+}
+
+
+def kernel_memory_settings() -> dict:
+  settings = {}
+  for name, path in KERNEL_MEMORY_FILES.items():
+    try:
+      settings[name] = pathlib.Path(path).read_text().strip()
+    except OSError:
+      pass
+  return settings
+
+
 def environment(torch_python: str | None) -> dict:
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -214,7 +236,8 @@ def environment(torch_python: str | None) -> dict:
          "load_avg_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
          "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
          "optax": optax.__version__, "numpy": numpy.__version__,
-         "xla_flags_parent": os.environ.get("XLA_FLAGS", ""), "threads": THREADS}
+         "xla_flags_parent": os.environ.get("XLA_FLAGS", ""), "threads": THREADS,
+         "kernel_memory": kernel_memory_settings()}
   if torch_python:
     probe = subprocess.run([torch_python, "-c", "import torch; print(torch.__version__, "
                             "torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True,
