@@ -81,21 +81,23 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
     for i in range(warmup):
       state, _ = compiled(state, rng_state, batch, jnp.asarray(1 + i, jnp.int32))
     jax.block_until_ready(state)
-    # Each step timed on its own (waiting for it costs ~1 ms of a 2 s step): on a VM that hands freed
-    # memory back to its host, single steps differ by ~15 %, and the spread shows it.
-    reporting_before = host_page_reporting()
-    step_times = []
+    # Each step timed on its own (waiting for it costs ~1 ms of a 2 s step), with the memory the host took
+    # back meanwhile: on a VM with free page reporting, single steps differ by ~15 % because of it.
+    step_times, step_reported_mib = [], []
     for i in range(steps):
+      before = host_page_reporting()
       start = time.perf_counter()
       state, last = compiled(state, rng_state, batch, jnp.asarray(1 + warmup + i, jnp.int32))
       jax.block_until_ready((state, last))
       step_times.append(time.perf_counter() - start)
-    reporting = {k: v - reporting_before[k] for k, v in host_page_reporting().items()}
+      if before:
+        step_reported_mib.append((host_page_reporting()["reported_kib"] - before["reported_kib"]) // 1024)
     step_s = sum(step_times) / steps
   return {"images_per_s": batch_size / step_s, "step_s": step_s,
           "step_s_min_median_max": [min(step_times), sorted(step_times)[steps // 2], max(step_times)],
           "step_times_s": [round(t, 3) for t in step_times],
-          "host_page_reporting_during_timed_steps": reporting, "compile_s": compile_s,
+          "step_host_reported_mib": step_reported_mib, **split_by_host_reporting(step_times, step_reported_mib),
+          "compile_s": compile_s,
           "first_step_s": first_step_s, "build_s": build_s, "num_params": int(num_params),
           "first_loss": float(metrics["loss"]), "first_grad_norm": float(metrics["grad_norm"]),
           "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps,
@@ -231,6 +233,22 @@ def host_page_reporting() -> dict:
     except (OSError, ValueError):
       pass
   return counters
+
+
+# A step during which the host took back at least this much is counted as hit by it. Reporting passes that
+# catch XLA:CPU's freed temporaries take 64-192 MiB; other processes' frees add a few MiB now and then.
+HOST_REPORTING_HIT_MIB = 32
+
+
+def split_by_host_reporting(step_times: list, step_reported_mib: list) -> dict:
+  """Mean step time of the steps during which the host took back freed memory, and of the others."""
+  if not step_reported_mib:
+    return {}
+  hit = [t for t, mib in zip(step_times, step_reported_mib) if mib >= HOST_REPORTING_HIT_MIB]
+  clean = [t for t, mib in zip(step_times, step_reported_mib) if mib < HOST_REPORTING_HIT_MIB]
+  return {"steps_with_host_reporting": len(hit),
+          "step_s_with_host_reporting": sum(hit) / len(hit) if hit else None,
+          "step_s_without_host_reporting": sum(clean) / len(clean) if clean else None}
 
 
 def kernel_memory_settings() -> dict:
