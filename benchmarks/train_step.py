@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,7 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
         step_reported_mib.append((host_page_reporting()["reported_kib"] - before["reported_kib"]) // 1024)
     step_s = sum(step_times) / steps
   return {"images_per_s": batch_size / step_s, "step_s": step_s,
-          "step_s_min_median_max": [min(step_times), sorted(step_times)[steps // 2], max(step_times)],
+          "step_s_min_median_max": [min(step_times), statistics.median(step_times), max(step_times)],
           "step_times_s": [round(t, 3) for t in step_times],
           "step_host_reported_mib": step_reported_mib, **split_by_host_reporting(step_times, step_reported_mib),
           "compile_s": compile_s,
