@@ -84,15 +84,15 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
     jax.block_until_ready(state)
     # Each step timed on its own (waiting for it costs ~1 ms of a 2 s step), with the memory the host took
     # back meanwhile: on a VM with free page reporting, single steps differ by ~15 % because of it.
-    step_times, step_reported_mib = [], []
+    step_times, reported_kib = [], [host_reported_kib()]
     for i in range(steps):
-      before = host_page_reporting()
       start = time.perf_counter()
       state, last = compiled(state, rng_state, batch, jnp.asarray(1 + warmup + i, jnp.int32))
       jax.block_until_ready((state, last))
       step_times.append(time.perf_counter() - start)
-      if before:
-        step_reported_mib.append((host_page_reporting()["reported_kib"] - before["reported_kib"]) // 1024)
+      reported_kib.append(host_reported_kib())
+    step_reported_mib = ([] if reported_kib[0] is None else
+                         [(after - before) // 1024 for before, after in zip(reported_kib, reported_kib[1:])])
     step_s = sum(step_times) / steps
   return {"images_per_s": batch_size / step_s, "step_s": step_s,
           "step_s_min_median_max": [min(step_times), statistics.median(step_times), max(step_times)],
@@ -219,21 +219,25 @@ KERNEL_MEMORY_FILES = {
 }
 
 
-# Counters of the (Firecracker) free page reporting driver: passes run and KiB handed to the host so far.
-PAGE_REPORTING_COUNTERS = {"passes": "/sys/module/page_reporting/parameters/passes",
-                           "reported_kib": "/sys/module/page_reporting/parameters/reported_kib"}
+# KiB the (Firecracker) free page reporting driver has handed to the host so far; the difference of two
+# readings says how much freed memory went back in between.
+PAGE_REPORTING_KIB_FILE = "/sys/module/page_reporting/parameters/reported_kib"
 
 
-def host_page_reporting() -> dict:
-  """The page reporting counters now ({} where the kernel has none); a difference of two readings says how
-  much freed memory went back to the host in between."""
-  counters = {}
-  for name, path in PAGE_REPORTING_COUNTERS.items():
+def read_files(files: dict, convert=str.strip) -> dict:
+  """{name: convert(contents)} of the files that exist and convert; the others are left out."""
+  values = {}
+  for name, path in files.items():
     try:
-      counters[name] = int(pathlib.Path(path).read_text())
+      values[name] = convert(pathlib.Path(path).read_text())
     except (OSError, ValueError):
       pass
-  return counters
+  return values
+
+
+def host_reported_kib() -> int | None:
+  """The page reporting driver's counter now, None where the kernel has none."""
+  return read_files({"kib": PAGE_REPORTING_KIB_FILE}, int).get("kib")
 
 
 # A step during which the host took back at least this much is counted as hit by it. Reporting passes that
@@ -250,16 +254,6 @@ def split_by_host_reporting(step_times: list, step_reported_mib: list) -> dict:
   return {"steps_with_host_reporting": len(hit),
           "step_s_with_host_reporting": sum(hit) / len(hit) if hit else None,
           "step_s_without_host_reporting": sum(clean) / len(clean) if clean else None}
-
-
-def kernel_memory_settings() -> dict:
-  settings = {}
-  for name, path in KERNEL_MEMORY_FILES.items():
-    try:
-      settings[name] = pathlib.Path(path).read_text().strip()
-    except OSError:
-      pass
-  return settings
 
 
 def environment(torch_python: str | None) -> dict:
@@ -282,7 +276,7 @@ def environment(torch_python: str | None) -> dict:
          "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
          "optax": optax.__version__, "numpy": numpy.__version__,
          "xla_flags_parent": os.environ.get("XLA_FLAGS", ""), "threads": THREADS,
-         "kernel_memory": kernel_memory_settings()}
+         "kernel_memory": read_files(KERNEL_MEMORY_FILES)}
   if torch_python:
     probe = subprocess.run([torch_python, "-c", "import torch; print(torch.__version__, "
                             "torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True,
