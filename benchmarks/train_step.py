@@ -75,6 +75,8 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
     start = time.perf_counter()
     compiled = train_step.lower(state, rng_state, batch, step_arg).compile()
     compile_s = time.perf_counter() - start
+    # Where the engine writes XLA's scratch block first (labeleff_jax/scratch_prefault.py), its sizes.
+    scratch_prefault = next(iter(getattr(train_step, "blocks", {}).values()), None)
     start = time.perf_counter()
     state, metrics = compiled(state, rng_state, batch, step_arg)
     metrics = jax.device_get(metrics)
@@ -98,7 +100,7 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
           "step_s_min_median_max": [min(step_times), statistics.median(step_times), max(step_times)],
           "step_times_s": [round(t, 3) for t in step_times],
           "step_host_reported_mib": step_reported_mib, **split_by_host_reporting(step_times, step_reported_mib),
-          "compile_s": compile_s,
+          "compile_s": compile_s, "scratch_prefault": scratch_prefault,
           "first_step_s": first_step_s, "build_s": build_s, "num_params": int(num_params),
           "first_loss": float(metrics["loss"]), "first_grad_norm": float(metrics["grad_norm"]),
           "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps,

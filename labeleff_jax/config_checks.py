@@ -6,6 +6,7 @@ configs are locked ConfigDicts, so `--config.foo.bar=...` with a misspelt key fa
 
 import ml_collections
 
+from labeleff_jax import scratch_prefault
 from labeleff_jax.data import constants
 
 # Labels the pipeline can produce: kind of task each supports and its number of classes.
@@ -75,6 +76,9 @@ def check(config: ml_collections.ConfigDict, *, num_data_devices: int) -> None:
   dtype = config.train.get("compute_dtype", "float32")
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"train.compute_dtype={dtype!r}; choose 'float32' or 'bfloat16'")
+  prefault = config.train.get("prefault_scratch", "auto")
+  if prefault not in scratch_prefault.MODES:
+    raise ConfigError(f"train.prefault_scratch={prefault!r}; choose one of {scratch_prefault.MODES}")
 
   label = probe_label(config)
   if label is not None and (label not in LABELS or LABELS[label][0] != "classification"):
