@@ -13,7 +13,8 @@ operation that writes an int32 buffer as large as the whole block, ordered (by a
 before everything else, so that nothing else is live beside it and it covers the block from end to end.
 The block is then back in the process ~75 ms into the step. A pass that lands within those ~75 ms
 still costs the step (with the ~2 s between passes that happens when steps take 1.93-2.0 s). Measured on
-that VM (benchmarks/README.md): batch-8 step 2.07-2.08 -> 1.85-1.91 s, 1-4 of 20 steps hit instead of 10-15.
+that VM (benchmarks/README.md): batch-8 step 2.07-2.08 -> 1.85-1.91 s in a loop; 0-4 of 20 steps hit in four benchmark runs, against
+15 of 20 in the last run without it.
 Costs: a second compilation and a larger block (with the buffer the other temporaries pack less tightly:
 955 -> 1242 MB). Results are bit-identical: the buffer only feeds a zero added to the step number.
 """
@@ -63,7 +64,11 @@ def wanted(mode: str, platform: str) -> bool:
 
 
 def with_scratch_write(step_fn, num_bytes: int):
-  """step_fn(*args, step) that first writes `num_bytes` of int32 scratch, before anything else runs."""
+  """(step_fn(*args, step), 0): the step after a first write of `num_bytes` of int32 scratch.
+
+  The extra int32 output, read from the buffer, keeps XLA from dropping the write: a step that never
+  uses its step number (constant schedule, no dropout) would otherwise lose the buffer as dead code.
+  """
   size = -(-num_bytes // 4)
 
   def step_with_scratch_write(*args):
@@ -73,10 +78,27 @@ def with_scratch_write(step_fn, num_bytes: int):
     # Read back through a conditional: XLA must materialize a conditional's operand, where a slice of
     # the broadcast itself would fold to the scalar and the buffer would never be written.
     first = jax.lax.cond(zero > 0, lambda s: s[zero], lambda s: s[zero + 1], scratch)
+    # Everything the step computes waits for the buffer's read, so nothing is live beside the buffer.
     first, args, step = jax.lax.optimization_barrier((first, args, step))
-    return step_fn(*args, step + first)
+    return step_fn(*args, step), first
 
   return step_with_scratch_write
+
+
+class _WithoutScratchOutput:
+  """A compiled `with_scratch_write` step, called like the plain step's executable."""
+
+  def __init__(self, compiled):
+    self.compiled = compiled
+
+  def __call__(self, *args):
+    return self.compiled(*args)[0]
+
+  def memory_analysis(self):
+    return self.compiled.memory_analysis()
+
+  def as_text(self):
+    return self.compiled.as_text()
 
 
 def _whole_pages(num_bytes: float) -> int:
@@ -107,7 +129,7 @@ class PrefaultingStep:
     block = plain.memory_analysis().temp_size_in_bytes
     if self._mode == "auto" and block < MIN_AUTO_SCRATCH_BYTES:
       return plain, {"plain_block_bytes": block, "scratch_bytes": 0, "block_bytes": block}
-    scratch = _whole_pages(block * HEADROOM)
+    scratch = _whole_pages(max(block * HEADROOM, 1))
     for attempt in range(MAX_RESIZES + 1):
       compiled = self._jit(with_scratch_write(self._step_fn, scratch)).lower(*args).compile()
       grown = compiled.memory_analysis().temp_size_in_bytes
@@ -115,11 +137,16 @@ class PrefaultingStep:
       if grown - scratch <= PAGE_BYTES or attempt == MAX_RESIZES:
         break
       scratch = _whole_pages(grown)
+    if grown < scratch:  # the buffer is not in the block: nothing would be written first
+      logging.warning("scratch pre-fault: XLA left the %d-byte buffer out of the %d-byte block; plain step",
+                      scratch, grown)
+      return plain, {"plain_block_bytes": block, "scratch_bytes": 0, "block_bytes": block}
     if grown - scratch > PAGE_BYTES:
       logging.warning("scratch pre-fault: the block (%d bytes) outgrew the %d bytes written", grown, scratch)
     logging.info("scratch pre-fault: step block %.0f MB, written first as %.0f MB (block now %.0f MB)",
                  block / 1e6, scratch / 1e6, grown / 1e6)
-    return compiled, {"plain_block_bytes": block, "scratch_bytes": scratch, "block_bytes": grown}
+    return _WithoutScratchOutput(compiled), {"plain_block_bytes": block, "scratch_bytes": scratch,
+                                             "block_bytes": grown}
 
   def compile(self, *args):
     """The executable for these arguments, compiled on first use."""

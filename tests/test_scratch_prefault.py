@@ -115,3 +115,14 @@ def test_auto_leaves_small_blocks_to_the_plain_step(monkeypatch):
   assert blocks["scratch_bytes"] == 0
   assert compiled.memory_analysis().temp_size_in_bytes == blocks["plain_block_bytes"] < \
       scratch_prefault.MIN_AUTO_SCRATCH_BYTES
+
+
+def test_scratch_survives_a_step_that_ignores_its_step_number():
+  # A step that never reads its step number (constant schedule, no dropout) must still write the buffer.
+  prefaulting = scratch_prefault.PrefaultingStep(lambda x, step: jnp.tanh(x @ x) + 1.0, donate_argnums=(),
+                                                 mode="on")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)), jnp.float32)
+  np.testing.assert_array_equal(prefaulting(x, jnp.int32(3)), jax.jit(lambda x: jnp.tanh(x @ x) + 1.0)(x))
+  (blocks,) = prefaulting.blocks.values()
+  assert blocks["scratch_bytes"] >= scratch_prefault.PAGE_BYTES
+  assert blocks["scratch_bytes"] <= blocks["block_bytes"] <= blocks["scratch_bytes"] + scratch_prefault.PAGE_BYTES
