@@ -76,7 +76,7 @@ def check(config: ml_collections.ConfigDict, *, num_data_devices: int) -> None:
   dtype = config.train.get("compute_dtype", "float32")
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"train.compute_dtype={dtype!r}; choose 'float32' or 'bfloat16'")
-  prefault = config.train.get("prefault_scratch", "auto")
+  prefault = config.train.get("prefault_scratch", "off")
   if prefault not in scratch_prefault.MODES:
     raise ConfigError(f"train.prefault_scratch={prefault!r}; choose one of {scratch_prefault.MODES}")
 

@@ -160,7 +160,7 @@ def init_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ob
   graphdef, rng_state, state = _split(bundle)
   # Parameters and optimizer state replicated on every device of the mesh; batches sharded on `data`.
   replicated = jax.sharding.NamedSharding(mesh, P())
-  prefault_mode = config.train.get("prefault_scratch", "auto")
+  prefault_mode = config.train.get("prefault_scratch", "off")
   prefault = scratch_prefault.wanted(prefault_mode, mesh.devices.flat[0].platform)
   train_step, eval_step, embed_step = build_steps(graphdef, eval_graphdef, objective, schedule,
                                                   config.seed, trainable,
