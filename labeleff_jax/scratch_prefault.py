@@ -14,10 +14,11 @@ before everything else, so that nothing else is live beside it and it covers the
 The block is then back in the process ~75 ms into the step. A pass that lands within those ~75 ms
 still costs the step (with the ~2 s between passes that happens when steps take 1.93-2.0 s). Measured on
 that VM (benchmarks/README.md): batch-8 step 2.07-2.08 -> 1.85-1.91 s in a loop; 0-4 of 20 steps hit in
-four benchmark runs, against 15 of 20 in the last run without it. Costs: a second compilation and a larger block (with the buffer the other temporaries pack less tightly:
-955 -> 1242 MB). Results are bit-identical: the buffer only feeds an extra output, dropped again.
-It made the contrastive dual-encoder step slower (the host took 410-570 MiB in every step with it; why
-is not understood), so `train.prefault_scratch` is off unless a config measured a gain (supervised.py).
+four benchmark runs, against 15 of 20 in the last run without it. Costs: a second compilation and a
+larger block (with the buffer the other temporaries pack less tightly: 955 -> 1242 MB). Results are
+bit-identical: the buffer only feeds an extra output, dropped again. It made the contrastive
+dual-encoder step slower (the host took 410-570 MiB in every step with it; why is not understood), so
+`train.prefault_scratch` is off unless a config measured a gain (configs/supervised.py).
 """
 
 import glob

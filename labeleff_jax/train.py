@@ -117,8 +117,10 @@ def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainab
     model = nnx.merge(eval_graphdef, rng_state, state)["model"]
     return model.features(batch["inputs"])
 
-  jitted_train_step = (scratch_prefault.PrefaultingStep(train_step, donate_argnums=(0,), mode=prefault_scratch)
-                       if prefault_scratch else jax.jit(train_step, donate_argnums=(0,)))
+  if prefault_scratch:
+    jitted_train_step = scratch_prefault.PrefaultingStep(train_step, donate_argnums=(0,), mode=prefault_scratch)
+  else:
+    jitted_train_step = jax.jit(train_step, donate_argnums=(0,))
   return jitted_train_step, jax.jit(eval_step), jax.jit(embed_step)
 
 

@@ -125,4 +125,5 @@ def test_scratch_survives_a_step_that_ignores_its_step_number():
   np.testing.assert_array_equal(prefaulting(x, jnp.int32(3)), jax.jit(lambda x: jnp.tanh(x @ x) + 1.0)(x))
   (blocks,) = prefaulting.blocks.values()
   assert blocks["scratch_bytes"] >= scratch_prefault.PAGE_BYTES
-  assert blocks["scratch_bytes"] <= blocks["block_bytes"] <= blocks["scratch_bytes"] + scratch_prefault.PAGE_BYTES
+  scratch = blocks["scratch_bytes"]
+  assert scratch <= blocks["block_bytes"] <= scratch + scratch_prefault.PAGE_BYTES
