@@ -12,11 +12,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-import labeleff_jax  # (first: it adds the project's XLA flags before jax starts a backend)
-
-if __name__ == "__main__":
-  labeleff_jax.reexec_with_huge_page_malloc()  # before anything expensive: the process starts over
-
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and the summary.")

@@ -30,8 +30,7 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TORCH_REFERENCE = REPO.parent / "shared" / "bench" / "torch_reference.py"
-TORCH_STEP = REPO / "benchmarks" / "torch_step.py"
+TORCH_REFERENCE = REPO / "benchmarks" / "torch_reference.py"
 ONEDNN = "--xla_cpu_use_onednn=true"
 THREADS = 2
 
@@ -187,12 +186,8 @@ def run_jax(bench: str, batch: int, dtype: str, onednn: bool, warmup: int, steps
 
 def run_torch(torch_python: str, model: str, batch: int, autocast: bool, warmup: int, steps: int,
               timeout_s: float | None = None) -> dict:
-  if model == "unet" and not autocast:  # the reference's own command, as the issue asks
-    argv = [torch_python, str(TORCH_REFERENCE), "step", str(batch), str(steps)]
-  else:
-    argv = [torch_python, str(TORCH_STEP), model, str(batch), str(steps), "--threads", str(THREADS)]
-    if autocast:
-      argv.append("--autocast")
+  argv = [torch_python, str(TORCH_REFERENCE), "step", model, str(batch), str(steps), "--warmup", str(warmup),
+          "--threads", str(THREADS)] + (["--autocast"] if autocast else [])
   result = run_child(argv, timeout_s=timeout_s)
   if "timed_out_s" in result:
     # It did not finish its warm-up and timed steps in time, so it ran slower than this on average.
@@ -386,8 +381,6 @@ def main():
   args = parser.parse_args()
   if args.worker:
     sys.path.insert(0, str(REPO))
-    import labeleff_jax  # pylint: disable=g-import-not-at-top
-    labeleff_jax.reexec_with_huge_page_malloc()  # the same process setup as main.py
     print(json.dumps(worker(json.loads(args.worker))))
     return
 

@@ -77,10 +77,6 @@ def base() -> ConfigDict:
   config.train = ConfigDict(dict(
       batch_size=32, num_epochs=5, max_steps=0, compute_dtype="float32", log_every_steps=10,
       eval_every_epochs=1, checkpoint_every_steps=0,
-      # 'auto': on CPU hosts that take freed memory back, write XLA's scratch block first in every step
-      # (labeleff_jax/scratch_prefault.py); 'on' forces it on CPU. Off unless an experiment measured a
-      # gain: it made the contrastive dual-encoder step slower (benchmarks/README.md).
-      prefault_scratch="off",
   ))
   config.eval = ConfigDict(dict(batch_size=32))
   config.mesh = ConfigDict(dict(data=-1))

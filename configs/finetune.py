@@ -9,7 +9,7 @@ Task: `lulc_top` (11 land-cover classes) with a global-pool head; `label=climate
 """
 
 from configs import common
-from labeleff_jax import config_checks
+from labeleff_jax.data import constants
 
 
 def get_config(arg=None):
@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.data.label_fraction = arg.label_fraction
   config.data.stratify_by = arg.label
   config.model.update(name="resnet18", fusion="early")
-  config.tasks = [common.task(arg.label, "classification", config_checks.LABELS[arg.label][1], head="pool")]
+  config.tasks = [common.task(arg.label, "classification", constants.LABELS[arg.label].num_classes, head="pool")]
   config.transfer.update(mode=arg.mode, load=["backbone=backbone"], backbone="backbone",
                          backbone_lr_scale=arg.backbone_lr_scale)
   rate = 1e-3 if arg.mode == "linear_probe" else 1e-4

@@ -16,7 +16,4 @@ def get_config(arg=None):
   config.data.modalities = ["s2"]
   config.data.label_fraction = arg.label_fraction
   config.tasks = [common.task("climatezone", "classification", 12)]
-  # On a CPU VM that hands freed memory to its host, writing XLA's scratch block first made this step
-  # 1.45-1.65x -> 1.575-1.66x torch's at batch 8 (benchmarks/README.md); elsewhere "auto" changes nothing.
-  config.train.prefault_scratch = "auto"
   return common.finalize(config, arg)

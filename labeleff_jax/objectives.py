@@ -13,12 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from labeleff_jax import config_checks
 from labeleff_jax import losses
 from labeleff_jax import metrics
 from labeleff_jax.data import constants
-
-TASK_KINDS = ("classification", "multilabel", "segmentation", "regression")
-
 
 def _valid_mask(batch, target):
   """Broadcasts the per-example `valid` flag to the shape of `target` (pixels for segmentation)."""
@@ -30,12 +28,8 @@ class SupervisedObjective:
   """Weighted sum of per-task losses; whole-split metrics per task."""
 
   def __init__(self, config: ml_collections.ConfigDict):
+    config_checks.check_task_heads(list(config.tasks))
     self.tasks = list(config.tasks)
-    if not self.tasks:
-      raise ValueError("config.tasks is empty: a supervised run needs at least one task")
-    for task in self.tasks:
-      if task.kind not in TASK_KINDS:
-        raise ValueError(f"tasks[{task.name}].kind={task.kind!r} is unknown; choose one of {TASK_KINDS}")
 
   # -- training -------------------------------------------------------------------------------------------
   def task_loss(self, task, output, batch):

@@ -29,9 +29,9 @@ from labeleff_jax import objectives
 from labeleff_jax import optim
 from labeleff_jax import plots
 from labeleff_jax import probe
-from labeleff_jax import scratch_prefault
 from labeleff_jax import transfer
 from labeleff_jax import writers
+from labeleff_jax.data import constants
 from labeleff_jax.data import pipeline
 
 P = jax.sharding.PartitionSpec
@@ -81,14 +81,8 @@ def _reseed(model, seed: int, step):
     nnx.reseed(model, policy=_reseed_policy, **{tag: key for tag in tags})
 
 
-def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainable, *,
-                prefault_scratch: str | None = None):
-  """The jitted train and eval steps (pure functions of the state and a global batch).
-
-  With `prefault_scratch` ("auto" or "on") the train step is a `scratch_prefault.PrefaultingStep` in that
-  mode (see that module: where the host takes freed memory back, XLA:CPU's scratch block is written first
-  thing in every step).
-  """
+def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainable):
+  """The jitted train, eval and embedding steps (pure functions of the state and a global batch)."""
 
   def train_step(state, rng_state, batch, step):
     bundle = nnx.merge(graphdef, rng_state, state)
@@ -117,11 +111,7 @@ def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainab
     model = nnx.merge(eval_graphdef, rng_state, state)["model"]
     return model.features(batch["inputs"])
 
-  if prefault_scratch:
-    jitted_train_step = scratch_prefault.PrefaultingStep(train_step, donate_argnums=(0,), mode=prefault_scratch)
-  else:
-    jitted_train_step = jax.jit(train_step, donate_argnums=(0,))
-  return jitted_train_step, jax.jit(eval_step), jax.jit(embed_step)
+  return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step), jax.jit(embed_step)
 
 
 def objective_forward(objective, model, batch):
@@ -162,11 +152,8 @@ def init_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ob
   graphdef, rng_state, state = _split(bundle)
   # Parameters and optimizer state replicated on every device of the mesh; batches sharded on `data`.
   replicated = jax.sharding.NamedSharding(mesh, P())
-  prefault_mode = config.train.get("prefault_scratch", "off")
-  prefault = scratch_prefault.wanted(prefault_mode, mesh.devices.flat[0].platform)
   train_step, eval_step, embed_step = build_steps(graphdef, eval_graphdef, objective, schedule,
-                                                  config.seed, trainable,
-                                                  prefault_scratch=prefault_mode if prefault else None)
+                                                  config.seed, trainable)
   return TrainingSetup(jax.device_put(state, replicated), jax.device_put(rng_state, replicated), graphdef,
                        train_step, eval_step, embed_step, num_params, transfer_report)
 
@@ -238,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       query = probe.collect_features(embed, pipeline.make_eval_batches(
           config, sources[split], mesh, labels=labels, stats=stats), probe_label)
       result["probe/knn_accuracy"] = probe.knn_accuracy(*bank, *query, k=config.probe.get("k", 20),
-                                                        num_classes=config_checks.LABELS[probe_label][1])
+                                                        num_classes=constants.LABELS[probe_label].num_classes)
     return result, first
 
   # -- Checkpoints: resume from the workdir when it holds one ---------------------------------------------

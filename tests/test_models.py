@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from labeleff_jax.data import constants
-from labeleff_jax.models import count_params, create_model, fusion, layers
+from labeleff_jax import cpu
+from labeleff_jax.models import count_params, create_model, fusion, resampling, torch_style
 from labeleff_jax.models.resnet import resnet18, resnet50
 from labeleff_jax.models.supervised import uncertainty_weighted_sum
 from labeleff_jax.models.unet import UNet
@@ -76,7 +77,7 @@ RESNET_SIZE = 32
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Exact reference parameter counts (REFERENCE.md section 2), from shapes only.
+# Exact reference parameter counts (docs/reference.md), from shapes only.
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg, expected", [
     (config(modalities=["s2"]), 17_445_389),
@@ -134,138 +135,41 @@ def numpy_upsample_align_corners(x, out_h, out_w):
 @pytest.mark.parametrize("height, width", [(7, 7), (3, 5), (1, 4), (15, 2)])
 def test_upsample_matches_align_corners_formula(height, width):
   x = np.random.default_rng(height * 10 + width).normal(size=(2, height, width, 3)).astype(np.float32)
-  got = np.asarray(layers.upsample_bilinear_align_corners(jnp.asarray(x), 2))
+  got = np.asarray(resampling.upsample_bilinear_align_corners(jnp.asarray(x), 2))
   np.testing.assert_allclose(got, numpy_upsample_align_corners(x, 2 * height, 2 * width), atol=1e-5)
   # The corners coincide with the input's (what align_corners means), unlike half-pixel resizing.
   np.testing.assert_allclose(got[:, [0, -1]][:, :, [0, -1]], x[:, [0, -1]][:, :, [0, -1]], atol=1e-6)
 
 
-def test_initialisers_follow_torch():
-  conv = layers.conv(128, 128, 3, rngs=nnx.Rngs(0))  # 147,456 weights: spans three random blocks
+@pytest.mark.parametrize("draw", ["plain", "block"])
+def test_initialisers_follow_torch(draw):
+  source = torch_style.plain_draw if draw == "plain" else cpu.block_draw
+  with torch_style.drawing_with(source):
+    conv = torch_style.conv(128, 128, 3, rngs=nnx.Rngs(0))  # 147,456 weights: three random blocks
+    block_1 = resnet18(3, width=64, rngs=nnx.Rngs(1)).blocks[0]
   weights = np.asarray(conv.kernel[...]).ravel()
   bound = 1 / math.sqrt(128 * 9)  # torch: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
   assert np.abs(weights).max() <= bound and weights.std() == pytest.approx(bound / math.sqrt(3), rel=0.02)
   assert np.abs(np.asarray(conv.bias[...])).max() <= bound and np.asarray(conv.bias[...]).std() > 0
-  block = 1 << 16
-  assert not np.allclose(weights[:1000], weights[block:block + 1000])  # blocks are independent draws
-  block_1 = resnet18(3, width=64, rngs=nnx.Rngs(1)).blocks[0]
+  block = cpu.initializers.BLOCK
+  assert not np.allclose(weights[:1000], weights[block:block + 1000])  # no repeated samples
   resnet_weights = np.asarray(block_1.conv1.kernel[...])  # kaiming_normal, fan_out = 64 * 9
   assert resnet_weights.mean() == pytest.approx(0, abs=0.005)
   assert resnet_weights.std() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.03)
-
-
-@pytest.mark.parametrize("shape, kernel, stride, pad", [
-    ((2, 9, 9, 3), 3, 1, 1), ((2, 11, 10, 3), 7, 2, 3), ((2, 8, 8, 4), 1, 2, 0), ((2, 9, 9, 4), 3, 2, 1)])
-def test_conv_kernel_gradient_matches_xla(shape, kernel, stride, pad):
-  rng = np.random.default_rng(kernel * 10 + stride)
-  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 5)), jnp.float32)
-  padding = ((pad, pad), (pad, pad))
-  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-
-  def loss(conv_fn, x, w):
-    return jnp.sum(jnp.sin(conv_fn(x, w, (stride, stride), padding, dimension_numbers=numbers)))
-
-  ours = jax.grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1))(x, w)
-  xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))(x, w)
-  np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(ours[1], xla[1], rtol=1e-4, atol=1e-4)
-
-
-def test_pointwise_conv_is_a_matmul_that_matches_xla():
-  rng = np.random.default_rng(11)
-  x = jnp.asarray(rng.normal(size=(2, 7, 9, 6)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(1, 1, 6, 3)), jnp.float32)
-  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  assert layers.is_pointwise(w.shape, (1, 1), ((0, 0), (0, 0)))
-  assert not layers.is_pointwise(w.shape, (2, 2), ((0, 0), (0, 0)))
-  assert not layers.is_pointwise(w.shape, (1, 1), ((1, 1), (1, 1)))
-
-  def loss(conv_fn, x, w):
-    return jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=numbers)))
-
-  values = layers.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=numbers)
-  np.testing.assert_allclose(values, np.einsum("nhwc,co->nhwo", np.asarray(x), np.asarray(w[0, 0])),
-                             rtol=1e-5, atol=1e-5)
-  ours = jax.grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1))
-  xla = jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))(x, w)
-  for got, want in zip(ours(x, w), xla):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  compiled = jax.jit(ours).lower(x, w).compile().as_text()
-  assert "convolution(" not in compiled and " dot(" in compiled
-
-
-@pytest.mark.parametrize("shape, cout, tile", [((2, 13, 12, 5), 7, 3), ((1, 16, 16, 8), 3, 3),
-                                               ((1, 91, 90, 3), 4, 4)])
-def test_winograd_conv_matches_xla(shape, cout, tile):
-  """Eligible 3x3 convolutions take the Winograd path on CPU and agree with XLA's direct convolution."""
-  rng = np.random.default_rng(shape[1])
-  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) / 3, jnp.float32)
-  padding = ((1, 1), (1, 1))
-  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-  assert layers.winograd_tile(x.shape, w.shape, (1, 1), padding, jnp.float32) == tile
-
-  def loss(conv_fn, x, w):
-    return jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), padding, dimension_numbers=numbers)))
-
-  ours = jax.jit(jax.value_and_grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1)))
-  compiled = ours.lower(x, w).compile().as_text()
-  assert "convolution(" not in compiled and " dot(" in compiled  # the matmul form, not XLA's conv
-  value, grads = ours(x, w)
-  xla_value, xla_grads = jax.value_and_grad(
-      lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1))(x, w)
-  # F(4x4, 3x3)'s transforms have larger constants (up to 8 and 1/24): ~10x the rounding of F(3x3, 3x3).
-  tolerance = 1e-5 if tile < 4 else 1e-4
-  np.testing.assert_allclose(value, xla_value, rtol=tolerance)
-  np.testing.assert_allclose(layers.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=numbers),
-                             jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=numbers),
-                             rtol=tolerance, atol=tolerance)
-  np.testing.assert_allclose(grads[0], xla_grads[0], rtol=tolerance, atol=tolerance)
-  np.testing.assert_allclose(grads[1], xla_grads[1], rtol=10 * tolerance, atol=10 * tolerance)
-
-
-@pytest.mark.parametrize("tile", [2, 3, 4])
-def test_winograd_every_tile_size_matches_xla(tile):
-  rng = np.random.default_rng(tile)
-  x = jnp.asarray(rng.normal(size=(2, 11, 14, 4)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, 4, 6)) / 3, jnp.float32)
-  dy = jnp.asarray(rng.normal(size=(2, 11, 14, 6)), jnp.float32)
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  tolerance = 1e-5 if tile < 4 else 1e-4
-  np.testing.assert_allclose(layers.winograd_conv3x3(x, w, tile), conv(x, w), rtol=tolerance, atol=tolerance)
-  kernel_grad = jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
-  np.testing.assert_allclose(layers.winograd_kernel_gradient(x, dy, tile), kernel_grad, rtol=10 * tolerance,
-                             atol=10 * tolerance)
-
-
-def test_winograd_only_where_it_pays():
-  padding = ((1, 1), (1, 1))
-
-  def tile(x_shape, kernel=3, stride=1, pad=padding, dtype=jnp.float32):
-    return layers.winograd_tile(x_shape, (kernel, kernel, x_shape[-1], 64), (stride, stride), pad, dtype)
-
-  assert tile((8, 7, 7, 512)) is None  # too few tiles
-  assert tile((8, 15, 15, 512)) == 3 and tile((8, 30, 30, 256)) == 3
-  assert tile((8, 60, 60, 128)) == 3 and tile((8, 120, 120, 64)) == 4
-  assert tile((8, 60, 60, 64), stride=2) is None
-  assert tile((8, 60, 60, 64), kernel=1, pad=((0, 0), (0, 0))) is None
-  assert tile((8, 60, 60, 64), dtype=jnp.bfloat16) is None
 
 
 def test_max_pool_drops_odd_edge_like_torch():
   x = np.random.default_rng(1).normal(size=(2, 7, 5, 3)).astype(np.float32)
   expected = np.array([[x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2)) for j in range(2)]
                        for i in range(3)]).transpose(2, 0, 1, 3)  # [i, j, B, C] -> [B, i, j, C]
-  np.testing.assert_array_equal(np.asarray(layers.max_pool_2x2(jnp.asarray(x))), expected)
+  np.testing.assert_array_equal(np.asarray(resampling.max_pool_2x2(jnp.asarray(x))), expected)
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_like_torch():
   rng = np.random.default_rng(3)
   x = rng.integers(0, 3, size=(2, 7, 6, 3)).astype(np.float32)  # small integers: many tied maxima
   cotangent = rng.normal(size=(2, 3, 3, 3)).astype(np.float32)
-  _, vjp = jax.vjp(layers.max_pool_2x2, jnp.asarray(x))
+  _, vjp = jax.vjp(resampling.max_pool_2x2, jnp.asarray(x))
   (grad,) = vjp(jnp.asarray(cotangent))
   expected = np.zeros_like(x)  # torch: all of a window's gradient to its first maximum, row-major
   for b, i, j, c in np.ndindex(*cotangent.shape):
@@ -278,14 +182,14 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_like_torch()
 def test_max_pool_gradient_matches_reduce_window_on_distinct_values():
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 8, 10, 4)).astype(np.float32))
   loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))  # noqa: E731
-  ours = jax.grad(loss(layers.max_pool_2x2))(x)
+  ours = jax.grad(loss(resampling.max_pool_2x2))(x)
   xla = jax.grad(loss(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))))(x)
   np.testing.assert_allclose(ours, xla, rtol=1e-6, atol=1e-6)
 
 
 def test_resnet_stem_pool_and_feature_size():
   x = np.random.default_rng(2).normal(size=(1, 9, 9, 2)).astype(np.float32)
-  pooled = np.asarray(layers.max_pool_3x3_stride2(jnp.asarray(x)))
+  pooled = np.asarray(resampling.max_pool_3x3_stride2(jnp.asarray(x)))
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
   expected = np.array([[padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(5)]
                        for i in range(5)]).transpose(2, 0, 1, 3)
@@ -520,13 +424,14 @@ def test_simclr_encoder_and_transfer_paths():
 @pytest.mark.parametrize("change, match", [
     (dict(name="vgg"), r"config.model.name.*'vgg'.*allowed.*resnet18"),
     (dict(fusion="middle"), r"config.model.fusion.*'middle'.*early"),
-    (dict(modalities=["s2", "hyperspectral"]), r"modality in config.data.modalities.*'hyperspectral'"),
+    (dict(modalities=["s2", "hyperspectral"]), r"config.data.modalities.*'hyperspectral' is not a ben-ge modality"),
     (dict(tasks=[dict(CLIMATE, head="mlp")]), r"task head.*'mlp'.*allowed.*pool"),
     (dict(tasks=[dict(CLIMATE, head="conv1x1")]), r"config.tasks\[0\].head for a classification"),
     (dict(tasks=[dict(CLIMATE, kind="ranking")]), r"config.tasks\[0\].kind.*'ranking'.*regression"),
     (dict(tasks=[dict(CLIMATE, num_classes=None)]), r"config.tasks\[0\].num_classes"),
     (dict(task_weighting="magic"), r"config.model.task_weighting.*fixed"),
     (dict(compute_dtype="float16"), r"config.train.compute_dtype.*bfloat16"),
+    (dict(conv_impl="cudnn"), r"config.model.conv_impl='cudnn'.*cpu_fast"),
     (dict(shared_backbone=True), r"late fusion only"),
 ])
 def test_bad_config_raises_clear_error(change, match):
@@ -544,3 +449,35 @@ def test_bad_inputs_raise_clear_errors():
   bad["s1"] = bad["s1"][..., :1]
   with pytest.raises(ValueError, match=r"inputs\['s1'\] must be \[B, H, W, 2\]"):
     model(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stock models (conv_impl='xla') are ordinary JAX functions: forward-mode autodiff works through them.
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg_kwargs, size", [
+    (dict(name="unet", modalities=["s2", "s1", "season"], fusion="early", tasks=MULTITASK), UNET_SIZE),
+    (dict(name="resnet18", modalities=["s2", "era5"], fusion="late",
+          tasks=[dict(CLIMATE, head="pool")]), RESNET_SIZE),
+    (dict(name="unet", modalities=["s1", "s2"], fusion="late"), UNET_SIZE),
+    (dict(name="dual_encoder", modalities=[]), RESNET_SIZE),
+], ids=["unet_early_multitask", "resnet_late", "unet_late", "dual_encoder"])
+def test_jvp_through_stock_models_matches_reverse_mode(cfg_kwargs, size):
+  """d/de f(p + e t, x + e u), by jax.jvp, against <grad, (t, u)> of the same scalar by reverse mode."""
+  model = tiny(dict(cfg_kwargs, image_size=size, width=4, conv_impl="xla", projector=(8, 4), mlp_features=(8,)))
+  model.eval()  # deterministic: running BatchNorm statistics, no dropout
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  modalities = cfg_kwargs["modalities"] or ["s2", "s1"]
+  inputs = {k: jnp.asarray(v) for k, v in images(2, size, modalities=modalities).items()}
+  rng = np.random.default_rng(7)
+  random_like = lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype)  # noqa: E731
+
+  def scalar(params, inputs):
+    outputs = nnx.merge(graphdef, params, rest)(inputs)
+    return sum(jnp.sum(jnp.sin(out)) for out in jax.tree.leaves(outputs))
+
+  tangents = (jax.tree.map(random_like, params), jax.tree.map(random_like, inputs))
+  value, derivative = jax.jvp(scalar, (params, inputs), tangents)
+  grads = jax.grad(scalar, argnums=(0, 1))(params, inputs)
+  expected = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangents)))
+  assert np.isfinite(value)
+  np.testing.assert_allclose(derivative, expected, rtol=1e-4, atol=1e-4)

@@ -1,8 +1,11 @@
-"""Facts about the ben-ge dataset shared by the builder, the synthetic writer and the input pipeline.
+"""The one table of facts: ben-ge's bands, codes and files, the modalities and labels a batch can hold, the
+task kinds and compute dtypes. The builder, the synthetic writer, the pipeline, the models and the config
+checks all read them from here, so they cannot disagree.
 
-Everything here is read from the reference (REFERENCE.md section 1); nothing is tuned. Keeping it in one
-place means the builder, the synthetic data and the pipeline cannot disagree about band order or codes.
+The dataset facts come from the reference (docs/reference.md); nothing here is tuned.
 """
+
+import dataclasses
 
 import numpy as np
 
@@ -119,10 +122,38 @@ DEM_SCALE_M = 1000.0
 ERA5_OFFSET = np.array([1000.0, 283.0, 283.0, 0.0, 0.0, 0.0, 0.0, 70.0, 70.0], np.float32)
 ERA5_SCALE = np.array([50.0, 15.0, 15.0, 10.0, 10.0, 10.0, 10.0, 30.0, 30.0], np.float32)
 
-# Modality names accepted in `config.data.modalities`, with what each becomes in a batch.
+# ---------------------------------------------------------------------------------------------------------
+# What a batch holds (docs/architecture.md, "Batches").
+# ---------------------------------------------------------------------------------------------------------
+# Modality names accepted in `config.data.modalities`, with their channels in a batch.
 IMAGE_MODALITIES = {"s2": len(S2_BANDS), "s1": len(S1_BANDS), "dem": 1, "lulc": NUM_LULC_CLASSES}
 VECTOR_MODALITIES = {"season": 1, "climatezone": NUM_CLIMATE_ZONES, "era5": len(ERA5_COLUMNS)}
 MODALITIES = {**IMAGE_MODALITIES, **VECTOR_MODALITIES}
+
+TASK_KINDS = ("classification", "multilabel", "segmentation", "regression")
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+  """A label the pipeline can produce: the task kind it feeds, its classes, and what it is in a batch."""
+  kind: str
+  num_classes: int  # 1 for regression
+  leaks_from: str | None  # the input modality that already holds the answer (None: none does)
+  description: str
+
+
+LABELS = {
+    "climatezone": Label("classification", NUM_CLIMATE_ZONES, "climatezone", "int32 [] climate-zone class 0..11"),
+    "lulc_top": Label("classification", NUM_LULC_CLASSES, "lulc", "int32 [] dominant land-cover class 0..10"),
+    "geocluster": Label("classification", NUM_GEOCLUSTERS, None, "int32 [] geographic cluster 0..19"),
+    "lulc_multihot": Label("multilabel", NUM_LULC_CLASSES, "lulc",
+                           "float32 [11] land-cover classes whose fraction exceeds the threshold"),
+    "lulc": Label("segmentation", NUM_LULC_CLASSES, "lulc", "int32 [H, W] land-cover class per pixel, 255 = ignore"),
+    "season": Label("regression", 1, "season", "float32 [] season_s2"),
+}
+
+# `config.train.compute_dtype`: parameters, optimizer state and losses stay float32 either way.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 DATASET_CONFIGS = ("ben-ge-800", "ben-ge-8k", "ben-ge-0.2", "ben-ge-0.4", "ben-ge-0.6", "ben-ge-0.8",
                    "ben-ge")

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from labeleff_jax.config_checks import get as _get
 from labeleff_jax.data import constants
-from labeleff_jax.models import layers
-from labeleff_jax.models.fusion import FusionTrunk, check_modalities
+from labeleff_jax.models import torch_style
+from labeleff_jax.models.fusion import FusionTrunk
 from labeleff_jax.models.registry import MODELS
-from labeleff_jax.models.supervised import _get, model_dtype
+from labeleff_jax.models.supervised import model_dtype
 
 DEFAULT_PROJECTOR = (512, 256)
 
@@ -25,10 +26,8 @@ class Projector(nnx.Module):
   def __init__(self, in_features: int, features: Sequence[int] = DEFAULT_PROJECTOR, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
     features = tuple(int(f) for f in features)
-    if not features or min(features) < 1:
-      raise ValueError(f"config.model.projector must be a non-empty list of positive sizes, got {features}")
     sizes = (in_features,) + features
-    self.layers = nnx.List([layers.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+    self.layers = nnx.List([torch_style.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for index, layer in enumerate(self.layers):
@@ -51,11 +50,6 @@ class DualEncoder(nnx.Module):
                width: int = 64, image_size: int = constants.PATCH_SIZE,
                projector: Sequence[int] = DEFAULT_PROJECTOR, shared_projector: bool = True,
                mlp_features: Sequence[int] = (64, 64), dtype=jnp.float32, rngs: nnx.Rngs):
-    check_modalities((modality_a,), "config.model.modality_a")
-    check_modalities((modality_b,), "config.model.modality_b")
-    if modality_a == modality_b:
-      raise ValueError(f"config.model.modality_a and modality_b must differ, both are {modality_a!r} "
-                       "(for two views of one modality use config.model.name='simclr')")
     self.modality_a, self.modality_b = modality_a, modality_b
     self.backbone = FusionTrunk((modality_a, modality_b), fusion="late", backbone=backbone, width=width,
                                 image_size=image_size, mlp_features=mlp_features, dtype=dtype, rngs=rngs)
@@ -131,11 +125,6 @@ def _build_dual_encoder(config: Any, *, rngs: nnx.Rngs) -> DualEncoder:
 def _build_simclr(config: Any, *, rngs: nnx.Rngs) -> SimCLREncoder:
   model_cfg, data_cfg = config["model"], config.get("data", None)
   modalities = _get(model_cfg, "modalities", None) or _get(data_cfg, "modalities", None)
-  if not modalities:
-    raise ValueError("config.data.modalities is missing (the modality SimCLR encodes, e.g. ['s2'])")
-  image_modalities = [m for m in check_modalities(modalities) if m in constants.IMAGE_MODALITIES]
-  if not image_modalities:
-    raise ValueError(f"SimCLR needs an image modality in config.data.modalities, got {list(modalities)}")
   return SimCLREncoder(
       modalities, backbone=_get(model_cfg, "backbone", "resnet18"), width=int(_get(model_cfg, "width", 64)),
       image_size=int(_get(data_cfg, "image_size", constants.PATCH_SIZE)),

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from labeleff_jax import config_checks
 from labeleff_jax.data import constants
-from labeleff_jax.models.encoders import MLPEncoder
-from labeleff_jax.models.registry import BACKBONES, FUSIONS, check_choice
+from labeleff_jax.models.mlp import MLPEncoder
+from labeleff_jax.models.registry import BACKBONES
 
 
 def blow_up(vector: jax.Array, height: int, width: int) -> jax.Array:
@@ -29,20 +30,6 @@ def blow_up(vector: jax.Array, height: int, width: int) -> jax.Array:
   if vector.ndim == 1:
     vector = vector[:, None]
   return jnp.broadcast_to(vector[:, None, None, :], (vector.shape[0], height, width, vector.shape[-1]))
-
-
-def check_modalities(modalities: Sequence[str], what: str = "config.data.modalities") -> tuple[str, ...]:
-  """Validates modality names against constants.MODALITIES; returns them as a tuple."""
-  if isinstance(modalities, str):
-    modalities = (modalities,)
-  modalities = tuple(modalities)
-  if not modalities:
-    raise ValueError(f"{what} is empty; allowed values: {sorted(constants.MODALITIES)}")
-  for name in modalities:
-    check_choice(name, tuple(sorted(constants.MODALITIES)), f"modality in {what}")
-  if len(set(modalities)) != len(modalities):
-    raise ValueError(f"{what} lists a modality twice: {list(modalities)}")
-  return modalities
 
 
 def get_input(inputs: dict, modality: str, dtype) -> jax.Array:
@@ -99,16 +86,14 @@ class FusionTrunk(nnx.Module):
   def __init__(self, modalities: Sequence[str], *, fusion: str = "early", backbone: str = "unet",
                width: int = 64, image_size: int = constants.PATCH_SIZE, shared_backbone: bool = False,
                mlp_features: Sequence[int] = (64, 64), dtype=jnp.float32, rngs: nnx.Rngs):
-    modalities = check_modalities(modalities)
-    check_choice(fusion, FUSIONS, "config.model.fusion")
+    modalities = config_checks.check_modalities(modalities, "config.data.modalities")
+    config_checks.check_choice(fusion, config_checks.FUSIONS, "config.model.fusion")
     build_backbone = BACKBONES.get(backbone)
     self.modalities = modalities
     self.fusion = fusion
     self.image_size = image_size
     self.dtype = dtype
     if fusion == "early":
-      if shared_backbone:
-        raise ValueError("config.model.shared_backbone applies to late fusion only (config.model.fusion='late')")
       net = build_backbone(fused_channels(modalities), width=width, dtype=dtype, rngs=rngs)
       self.encoders = nnx.Dict({"_".join(modalities): net})
       self.shared_image_encoder = None
@@ -121,12 +106,7 @@ class FusionTrunk(nnx.Module):
     encoders = {}
     shared = None
     if shared_backbone:
-      channels = {m: constants.MODALITIES[m] for m in images}
-      if len(images) < 2 or len(set(channels.values())) != 1:
-        raise ValueError(
-            "config.model.shared_backbone needs at least two image modalities with equal channel counts, got "
-            f"{channels}; set shared_backbone=False to give each modality its own backbone")
-      shared = build_backbone(channels[images[0]], width=width, dtype=dtype, rngs=rngs)
+      shared = build_backbone(constants.MODALITIES[images[0]], width=width, dtype=dtype, rngs=rngs)
     feature_dims = []
     feature_size = None
     for name in modalities:

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from labeleff_jax.models import layers
-from labeleff_jax.models.registry import HEADS, TASK_KINDS, check_choice
+from labeleff_jax.config_checks import check_choice
+from labeleff_jax.models import torch_style
+from labeleff_jax.models.registry import HEADS
 
 # Dropout of the reference head when neither the task nor config.model.dropout sets one: the reference uses
 # 0.5 for classification and 0.1 for its regression head.
@@ -27,9 +28,9 @@ class ReferenceHead(nnx.Module):
 
   def __init__(self, in_channels: int, feature_size: int, num_outputs: int, dropout: float, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    self.reduce = layers.conv(in_channels, 1, 1, dtype=dtype, rngs=rngs)
+    self.reduce = torch_style.conv(in_channels, 1, 1, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.dense = layers.linear(feature_size * feature_size, num_outputs, dtype=dtype, rngs=rngs)
+    self.dense = torch_style.linear(feature_size * feature_size, num_outputs, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.reduce(x)
@@ -43,7 +44,7 @@ class PoolHead(nnx.Module):
   def __init__(self, in_channels: int, num_outputs: int, dropout: float, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.dense = layers.linear(in_channels, num_outputs, dtype=dtype, rngs=rngs)
+    self.dense = torch_style.linear(in_channels, num_outputs, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.dense(self.dropout(x.mean(axis=(1, 2))))
@@ -54,7 +55,7 @@ class SegmentationHead(nnx.Module):
 
   def __init__(self, in_channels: int, num_classes: int, image_size: int, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
-    self.classify = layers.conv(in_channels, num_classes, 1, dtype=dtype, rngs=rngs)
+    self.classify = torch_style.conv(in_channels, num_classes, 1, dtype=dtype, rngs=rngs)
     self.image_size = image_size
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,15 +78,10 @@ class TaskHead(nnx.Module):
     return out[..., 0] if self.squeeze else out
 
 
-def _num_outputs(task: Any, index: int) -> int:
-  kind = task["kind"]
+def _num_outputs(task: Any) -> int:
+  """Outputs of a task's head (config_checks.check_tasks made sure classes are given where needed)."""
   num = task.get("num_classes", None)
-  if kind == "regression" and num is None:
-    return 1
-  if num is None or int(num) < 1:
-    raise ValueError(f"config.tasks[{index}].num_classes must be a positive int for a {kind} task "
-                     f"(task {task.get('name')!r}), got {num!r}")
-  return int(num)
+  return 1 if num is None else int(num)
 
 
 def _dropout(task: Any, kind: str, head: str, default_dropout: float | None) -> float:
@@ -99,38 +95,35 @@ def _dropout(task: Any, kind: str, head: str, default_dropout: float | None) -> 
 
 
 @HEADS.register("reference")
-def _reference_head(task, index, *, in_channels, feature_size, image_size, default_dropout, dtype, rngs):
+def _reference_head(task, *, in_channels, feature_size, image_size, default_dropout, dtype, rngs):
   del image_size
-  return ReferenceHead(in_channels, feature_size, _num_outputs(task, index),
+  return ReferenceHead(in_channels, feature_size, _num_outputs(task),
                        _dropout(task, task["kind"], "reference", default_dropout), dtype=dtype, rngs=rngs)
 
 
 @HEADS.register("pool")
-def _pool_head(task, index, *, in_channels, feature_size, image_size, default_dropout, dtype, rngs):
+def _pool_head(task, *, in_channels, feature_size, image_size, default_dropout, dtype, rngs):
   del feature_size, image_size
-  return PoolHead(in_channels, _num_outputs(task, index),
+  return PoolHead(in_channels, _num_outputs(task),
                   _dropout(task, task["kind"], "pool", default_dropout), dtype=dtype, rngs=rngs)
 
 
 @HEADS.register("conv1x1")
-def _segmentation_head(task, index, *, in_channels, feature_size, image_size, default_dropout, dtype, rngs):
+def _segmentation_head(task, *, in_channels, feature_size, image_size, default_dropout, dtype, rngs):
   del feature_size, default_dropout
-  return SegmentationHead(in_channels, _num_outputs(task, index), image_size, dtype=dtype, rngs=rngs)
+  return SegmentationHead(in_channels, _num_outputs(task), image_size, dtype=dtype, rngs=rngs)
 
 
 def build_task_head(task: Any, index: int, *, in_channels: int, feature_size: int, image_size: int,
                     default_dropout: float | None, dtype, rngs: nnx.Rngs) -> TaskHead:
   """Builds the head of config.tasks[index] for a backbone feature map of [B, feature_size^2, in_channels]."""
-  for key in ("name", "kind"):
-    if task.get(key, None) is None:
-      raise ValueError(f"config.tasks[{index}].{key} is missing")
-  kind = check_choice(task["kind"], TASK_KINDS, f"config.tasks[{index}].kind")
+  kind = task["kind"]
   head_name = task.get("head", None) or DEFAULT_HEAD[kind]
   HEADS.get(head_name)  # unknown names fail here with the list of all heads
   check_choice(head_name, HEADS_FOR_KIND[kind], f"config.tasks[{index}].head for a {kind} task")
-  head = HEADS.get(head_name)(task, index, in_channels=in_channels, feature_size=feature_size,
+  head = HEADS.get(head_name)(task, in_channels=in_channels, feature_size=feature_size,
                               image_size=image_size, default_dropout=default_dropout, dtype=dtype, rngs=rngs)
-  squeeze = kind == "regression" and _num_outputs(task, index) == 1
+  squeeze = kind == "regression" and _num_outputs(task) == 1
   return TaskHead(head, squeeze)
 
 

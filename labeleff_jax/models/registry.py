@@ -2,6 +2,8 @@
 
 from typing import Any, Callable, Iterator
 
+from labeleff_jax.config_checks import ConfigError
+
 
 class Registry:
   """A mapping from names to builders that fails loudly, naming the config key and the allowed values.
@@ -25,7 +27,7 @@ class Registry:
 
   def get(self, name: Any) -> Any:
     if name not in self._entries:
-      raise ValueError(f"Unknown {self.what} {name!r}; allowed values: {sorted(self._entries)}")
+      raise ConfigError(f"Unknown {self.what} {name!r}; allowed values: {sorted(self._entries)}")
     return self._entries[name]
 
   def __contains__(self, name: Any) -> bool:
@@ -45,15 +47,3 @@ BACKBONES = Registry("config.model.name (backbone)")
 HEADS = Registry("task head (config.tasks[i].head)")
 # Whole models: builder(config, *, rngs) -> nnx.Module.
 MODELS = Registry("config.model.name")
-
-TASK_KINDS = ("classification", "multilabel", "segmentation", "regression")
-FUSIONS = ("early", "late")
-TASK_WEIGHTINGS = ("fixed", "uncertainty")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def check_choice(value: Any, allowed: tuple, what: str) -> Any:
-  """Returns `value` if it is one of `allowed`, else raises naming the key `what`."""
-  if value not in allowed:
-    raise ValueError(f"Unknown {what} {value!r}; allowed values: {list(allowed)}")
-  return value

@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from labeleff_jax.models import layers
+from labeleff_jax.models import resampling, torch_style
 from labeleff_jax.models.registry import BACKBONES
 
 
 def _resnet_conv(in_channels, out_channels, kernel_size, *, stride=1, padding=0, dtype, rngs):
   # torchvision ResNets use bias-free convs with kaiming_normal(fan_out) init.
-  return layers.conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, use_bias=False,
-                     kernel_init=layers.torch_resnet_kernel_init, dtype=dtype, rngs=rngs)
+  return torch_style.conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, use_bias=False,
+                     kernel_init=torch_style.torch_resnet_kernel_init, dtype=dtype, rngs=rngs)
 
 
 class Downsample(nnx.Module):
@@ -19,7 +19,7 @@ class Downsample(nnx.Module):
 
   def __init__(self, in_channels: int, out_channels: int, stride: int, *, dtype, rngs: nnx.Rngs):
     self.conv = _resnet_conv(in_channels, out_channels, 1, stride=stride, dtype=dtype, rngs=rngs)
-    self.bn = layers.batch_norm(out_channels, dtype=dtype, rngs=rngs)
+    self.bn = torch_style.batch_norm(out_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.bn(self.conv(x))
@@ -32,9 +32,9 @@ class BasicBlock(nnx.Module):
   def __init__(self, in_channels: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
     out_channels = planes * self.expansion
     self.conv1 = _resnet_conv(in_channels, planes, 3, stride=stride, padding=1, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.bn1 = torch_style.batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv2 = _resnet_conv(planes, out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.batch_norm(out_channels, dtype=dtype, rngs=rngs)
+    self.bn2 = torch_style.batch_norm(out_channels, dtype=dtype, rngs=rngs)
     self.downsample = (Downsample(in_channels, out_channels, stride, dtype=dtype, rngs=rngs)
                        if stride != 1 or in_channels != out_channels else None)
 
@@ -52,11 +52,11 @@ class Bottleneck(nnx.Module):
   def __init__(self, in_channels: int, planes: int, stride: int, *, dtype, rngs: nnx.Rngs):
     out_channels = planes * self.expansion
     self.conv1 = _resnet_conv(in_channels, planes, 1, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.bn1 = torch_style.batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv2 = _resnet_conv(planes, planes, 3, stride=stride, padding=1, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.batch_norm(planes, dtype=dtype, rngs=rngs)
+    self.bn2 = torch_style.batch_norm(planes, dtype=dtype, rngs=rngs)
     self.conv3 = _resnet_conv(planes, out_channels, 1, dtype=dtype, rngs=rngs)
-    self.bn3 = layers.batch_norm(out_channels, dtype=dtype, rngs=rngs)
+    self.bn3 = torch_style.batch_norm(out_channels, dtype=dtype, rngs=rngs)
     self.downsample = (Downsample(in_channels, out_channels, stride, dtype=dtype, rngs=rngs)
                        if stride != 1 or in_channels != out_channels else None)
 
@@ -80,7 +80,7 @@ class ResNet(nnx.Module):
     if in_channels < 1 or width < 1:
       raise ValueError(f"ResNet needs in_channels >= 1 and width >= 1, got {in_channels}, {width}")
     self.conv1 = _resnet_conv(in_channels, width, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.batch_norm(width, dtype=dtype, rngs=rngs)
+    self.bn1 = torch_style.batch_norm(width, dtype=dtype, rngs=rngs)
     blocks = []
     channels = width
     for stage, num_blocks in enumerate(blocks_per_stage):
@@ -102,7 +102,7 @@ class ResNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nnx.relu(self.bn1(self.conv1(x)))
-    x = layers.max_pool_3x3_stride2(x)
+    x = resampling.max_pool_3x3_stride2(x)
     for block in self.blocks:
       x = block(x)
     return x

@@ -6,23 +6,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from labeleff_jax.config_checks import get as _get
 from labeleff_jax.data import constants
-from labeleff_jax.models import layers
 from labeleff_jax.models.fusion import FusionTrunk
 from labeleff_jax.models.heads import build_task_head
-from labeleff_jax.models.registry import MODELS, TASK_WEIGHTINGS, check_choice
+from labeleff_jax.models.registry import MODELS
 
 # Kendall et al. 2018 derive 1/(2 sigma^2) for a Gaussian (regression) likelihood and 1/sigma^2 for a
 # softmax/Bernoulli one; with s = log sigma^2 both get the regulariser log sigma = s / 2.
 KENDALL_LOSS_SCALE = {"classification": 1.0, "multilabel": 1.0, "segmentation": 1.0, "regression": 0.5}
-
-
-def _get(section: Any, key: str, default: Any) -> Any:
-  """section.get(key) with `default` for a missing section, a missing key or None."""
-  if section is None:
-    return default
-  value = section.get(key, default)
-  return default if value is None else value
 
 
 class SupervisedModel(nnx.Module):
@@ -34,15 +26,10 @@ class SupervisedModel(nnx.Module):
 
   def __init__(self, trunk: FusionTrunk, tasks: Sequence[Any], *, task_weighting: str = "fixed",
                default_dropout: float | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
-    if not tasks:
-      raise ValueError("config.tasks is empty: a supervised model needs at least one task")
-    names = [task.get("name", None) for task in tasks]
-    if len(set(names)) != len(names):
-      raise ValueError(f"config.tasks has duplicate names: {names}")
-    check_choice(task_weighting, TASK_WEIGHTINGS, "config.model.task_weighting")
+    names = [task["name"] for task in tasks]
     self.backbone = trunk
     self.heads = nnx.Dict({
-        task.get("name", None) or f"task{index}": build_task_head(
+        task["name"]: build_task_head(
             task, index, in_channels=trunk.out_channels, feature_size=trunk.feature_size,
             image_size=trunk.image_size, default_dropout=default_dropout, dtype=dtype, rngs=rngs)
         for index, task in enumerate(tasks)})
@@ -85,13 +72,12 @@ def uncertainty_weighted_sum(losses: jax.Array, log_vars: jax.Array, kinds: Sequ
 
 
 def model_dtype(config: Any):
-  return layers.resolve_dtype(_get(config.get("train", None), "compute_dtype", "float32"))
+  """The compute dtype of config.train.compute_dtype (parameters stay float32)."""
+  return jnp.dtype(_get(config.get("train", None), "compute_dtype", "float32"))
 
 
 def _build_supervised(config: Any, *, rngs: nnx.Rngs) -> SupervisedModel:
   model_cfg, data_cfg = config.get("model", None), config.get("data", None)
-  if data_cfg is None or data_cfg.get("modalities", None) is None:
-    raise ValueError("config.data.modalities is missing")
   dtype = model_dtype(config)
   trunk = FusionTrunk(
       data_cfg["modalities"], fusion=_get(model_cfg, "fusion", "early"), backbone=model_cfg["name"],
@@ -99,8 +85,6 @@ def _build_supervised(config: Any, *, rngs: nnx.Rngs) -> SupervisedModel:
       shared_backbone=bool(_get(model_cfg, "shared_backbone", False)),
       mlp_features=tuple(_get(model_cfg, "mlp_features", (64, 64))), dtype=dtype, rngs=rngs)
   tasks = config.get("tasks", None)
-  if not tasks:
-    raise ValueError("config.tasks is missing or empty")
   return SupervisedModel(trunk, list(tasks), task_weighting=_get(model_cfg, "task_weighting", "fixed"),
                          default_dropout=_get(model_cfg, "dropout", None), dtype=dtype, rngs=rngs)
 

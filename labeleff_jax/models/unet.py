@@ -1,10 +1,10 @@
-"""The reference U-Net backbone (milesial style, REFERENCE.md section 2) in Flax NNX, NHWC."""
+"""The reference U-Net backbone (milesial style, docs/reference.md) in Flax NNX, NHWC."""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from labeleff_jax.models import layers
+from labeleff_jax.models import resampling, torch_style
 from labeleff_jax.models.registry import BACKBONES
 
 
@@ -14,10 +14,10 @@ class DoubleConv(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
     mid_channels = mid_channels or out_channels
-    self.conv1 = layers.conv(in_channels, mid_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-    self.bn1 = layers.batch_norm(mid_channels, dtype=dtype, rngs=rngs)
-    self.conv2 = layers.conv(mid_channels, out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-    self.bn2 = layers.batch_norm(out_channels, dtype=dtype, rngs=rngs)
+    self.conv1 = torch_style.conv(in_channels, mid_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+    self.bn1 = torch_style.batch_norm(mid_channels, dtype=dtype, rngs=rngs)
+    self.conv2 = torch_style.conv(mid_channels, out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+    self.bn2 = torch_style.batch_norm(out_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nnx.relu(self.bn1(self.conv1(x)))
@@ -31,7 +31,7 @@ class Down(nnx.Module):
     self.conv = DoubleConv(in_channels, out_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(layers.max_pool_2x2(x))
+    return self.conv(resampling.max_pool_2x2(x))
 
 
 def pad_to(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -51,7 +51,7 @@ class Up(nnx.Module):
     self.conv = DoubleConv(in_channels, out_channels, in_channels // 2, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
-    x = layers.upsample_bilinear_align_corners(x, 2)
+    x = resampling.upsample_bilinear_align_corners(x, 2)
     x = pad_to(x, skip.shape[1], skip.shape[2])
     return self.conv(jnp.concatenate([skip, x], axis=-1))
 

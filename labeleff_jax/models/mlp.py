@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from labeleff_jax.models import layers
+from labeleff_jax.models import torch_style
 
 DEFAULT_MLP_FEATURES = (64, 64)
 
@@ -21,10 +21,8 @@ class MLPEncoder(nnx.Module):
   def __init__(self, in_features: int, features: Sequence[int] = DEFAULT_MLP_FEATURES, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
     features = tuple(int(f) for f in features)
-    if not features or min(features) < 1:
-      raise ValueError(f"config.model.mlp_features must be a non-empty list of positive sizes, got {features}")
     sizes = (in_features,) + features
-    self.layers = nnx.List([layers.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+    self.layers = nnx.List([torch_style.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
     self.out_features = features[-1]
 
   def __call__(self, x: jax.Array) -> jax.Array:
