@@ -55,11 +55,11 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
   """Builds the engine's donated train step for `config`, compiles it, runs warm-up and timed steps."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from labeleff_jax import objectives, train  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import objectives, sharding, train  # pylint: disable=g-import-not-at-top
 
   P = jax.sharding.PartitionSpec
   batch_size = config.train.batch_size
-  mesh = train.make_mesh(config)
+  mesh = sharding.make_mesh(1)
   start = time.perf_counter()
   setup = train.init_training(config, mesh, objectives.make_objective(config), steps_per_epoch=100,
                               total_steps=1000)

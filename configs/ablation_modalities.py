@@ -49,7 +49,7 @@ def get_config(arg=None):
 
   config = common.ConfigDict()
   config.experiment = "modality_ablation"
-  config_path = f"configs/ablation_modalities.py" + (f":{raw_arg}" if raw_arg else "")
+  config_path = "configs/ablation_modalities.py" + (f":{raw_arg}" if raw_arg else "")
   config.command = f"python main.py --config {config_path} --workdir DIR"
   config.rows = list(modality_ablation.PAPER_ROWS) if arg.rows == "all" else arg.rows.split(":")
   config.fusion = arg.fusion

@@ -52,7 +52,7 @@ def get_config(arg=None):
 
   config = common.ConfigDict()
   config.experiment = "label_fraction_sweep"
-  config_path = f"configs/sweep_label_fraction.py" + (f":{raw_arg}" if raw_arg else "")
+  config_path = "configs/sweep_label_fraction.py" + (f":{raw_arg}" if raw_arg else "")
   config.command = f"python main.py --config {config_path} --workdir DIR"
   config.seeds = list(range(arg.seeds))
   config.fractions = [float(f) for f in arg.fractions.split(":")]

@@ -1,13 +1,12 @@
 """Masked supervised losses (CE, BCE, MSE, MAE) and the NT-Xent contrastive loss, sharding-safe."""
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"  # the mesh axis the batch is sharded over (docs/architecture.md)
+from labeleff_jax import sharding
+from labeleff_jax.sharding import DATA_AXIS
 
 # ---------------------------------------------------------------------------------------------------------
 # Masks and reductions.
@@ -152,84 +151,6 @@ def mae(pred: jax.Array, target: jax.Array, mask: Any = None) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Finding the mesh a batch is sharded over (shared with labeleff_jax.metrics).
-#
-# With Explicit mesh axes (the jax.make_mesh default since jax 0.9) operations that mix rows of a
-# batch-sharded array (z @ z.T, scatter-adds into a replicated histogram) are sharding type errors, so
-# those computations run per shard under jax.shard_map with explicit collectives. Auto axes would also
-# work without it, but taking the same path everywhere keeps one code path tested.
-# ---------------------------------------------------------------------------------------------------------
-
-
-class _InsideShardMap:
-  """Marker returned by batch_mesh when the axis is already manual: call collectives directly."""
-
-  def __repr__(self):
-    return "INSIDE_SHARD_MAP"
-
-
-INSIDE_SHARD_MAP = _InsideShardMap()
-
-
-def batch_mesh(array: jax.Array, mesh: Any = None, axis_name: str = DATA_AXIS) -> Any:
-  """The mesh to shard_map `array`'s leading (batch) axis over, INSIDE_SHARD_MAP, or None.
-
-  Looks, in order, at the `mesh` argument, the mesh in context (`jax.set_mesh`), and the mesh of the
-  array's own sharding type. Returns None (plain single-program path) when no mesh has `axis_name`,
-  when that axis has size 1, or when the batch does not split evenly over it (then the array cannot be
-  sharded over the axis, and jit's automatic partitioning handles the replicated or Auto case).
-  """
-  if mesh is not None:
-    if axis_name not in mesh.axis_names:
-      raise ValueError(f"mesh has axes {mesh.axis_names}, no {axis_name!r} axis to shard the batch over.")
-    candidate = mesh
-  else:
-    candidate = None
-    context = jax.sharding.get_abstract_mesh()
-    if not context.empty and axis_name in context.axis_names:
-      if axis_name in context.manual_axes:
-        return INSIDE_SHARD_MAP
-      candidate = context
-    else:
-      sharding = getattr(jax.typeof(array), "sharding", None)
-      array_mesh = getattr(sharding, "mesh", None)
-      if array_mesh is not None and not array_mesh.empty and axis_name in array_mesh.axis_names:
-        candidate = array_mesh
-  if candidate is None:
-    return None
-  axis_size = dict(zip(candidate.axis_names, candidate.axis_sizes))[axis_name]
-  if axis_size == 1 or array.shape[0] % axis_size != 0:
-    return None
-  return candidate
-
-
-def map_over_batch_shards(per_shard_fn: Callable, mesh: Any, axis_name: str, batch_args: tuple,
-                          replicated_args: tuple = ()) -> Any:
-  """Runs per_shard_fn(*batch_shards, *replicated_args, axis_name) once per shard of the batch axis.
-
-  `mesh` comes from batch_mesh. per_shard_fn must return values that are invariant over `axis_name`
-  (after a psum), which come back replicated. With mesh None it runs once on the whole batch with
-  axis_name None; with INSIDE_SHARD_MAP the arguments already are shards.
-  """
-  if mesh is None:
-    return per_shard_fn(*batch_args, *replicated_args, None)
-  if mesh is INSIDE_SHARD_MAP:
-    return per_shard_fn(*batch_args, *replicated_args, axis_name)
-  if axis_name in mesh.explicit_axes:
-    # shard_map wants Explicit-axis inputs already laid out as in_specs says; this is a no-op for a batch
-    # that is sharded over the axis already, and a split for one that is replicated.
-    target = NamedSharding(mesh, PartitionSpec(axis_name))
-    batch_args = tuple(jax.reshard(arg, target) for arg in batch_args)
-  mapped = jax.shard_map(
-      lambda *args: per_shard_fn(*args, axis_name),
-      mesh=mesh,
-      in_specs=(PartitionSpec(axis_name),) * len(batch_args) + (PartitionSpec(),) * len(replicated_args),
-      out_specs=PartitionSpec(),
-  )
-  return mapped(*batch_args, *replicated_args)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # NT-Xent (SimCLR) over the 2B embeddings of two views, and the reference's "matching accuracy".
 # ---------------------------------------------------------------------------------------------------------
 
@@ -313,8 +234,8 @@ def nt_xent_and_matching_accuracy(
   if mask is not None and jnp.ndim(mask) != 1:
     raise ValueError(f"mask must flag pairs with shape [B], got shape {jnp.shape(mask)}.")
   pair_valid = valid_mask(mask, z_a.shape[:1])
-  shard_mesh = batch_mesh(z_a, mesh, axis_name)
-  loss_total, matched, num_anchors = map_over_batch_shards(
+  shard_mesh = sharding.batch_mesh(z_a, mesh, axis_name)
+  loss_total, matched, num_anchors = sharding.map_over_batch_shards(
       _contrastive_shard_totals, shard_mesh, axis_name, (z_a, z_b, pair_valid), (temperature,))
   return (mean_from_sum_and_count(loss_total, num_anchors),
           mean_from_sum_and_count(matched.astype(jnp.float32), num_anchors))
@@ -327,7 +248,7 @@ def nt_xent(z_a: jax.Array, z_b: jax.Array, temperature: Any = 0.1, *, mask: Any
   z_a, z_b: [B, D], not yet normalised; row i of z_a and row i of z_b are a positive pair. The rows of
   concat([z_a, z_b]) are L2-normalised, their 2B x 2B cosine similarities divided by `temperature`, the
   diagonal dropped, and each row scored by cross-entropy with its partner as the target (the formulation
-  of REFERENCE.md section 3). Computed in float32.
+  of the reference, docs/reference.md). Computed in float32.
 
   mask: optional bool [B]; pairs flagged False (padding of evaluation batches) are dropped as anchors
   and as negatives, and the mean runs over the 2 * sum(mask) remaining anchors.
@@ -350,8 +271,7 @@ def matching_accuracy(z_a: jax.Array, z_b: jax.Array, *, mask: Any = None, mesh:
 
 
 __all__ = [
-    "DATA_AXIS", "batch_mesh", "l2_normalise", "mae", "mae_sum_and_count", "map_over_batch_shards",
-    "matching_accuracy", "mean_from_sum_and_count", "mse", "mse_sum_and_count", "nt_xent",
+    "l2_normalise", "mae", "mae_sum_and_count", "matching_accuracy", "mean_from_sum_and_count", "mse", "mse_sum_and_count", "nt_xent",
     "nt_xent_and_matching_accuracy", "sigmoid_binary_cross_entropy",
     "sigmoid_binary_cross_entropy_sum_and_count", "softmax_cross_entropy",
     "softmax_cross_entropy_sum_and_count", "valid_mask",

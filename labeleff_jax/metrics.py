@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from labeleff_jax import losses
+from labeleff_jax import sharding
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-batch statistics (jit-able; sharding-safe).
@@ -39,14 +40,14 @@ def _histogram_shard(flat_index, weight, length, axis_name):
 
 
 def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, mask: Any = None, *,
-                     mesh: Any = None, axis_name: str = losses.DATA_AXIS) -> jax.Array:
+                     mesh: Any = None, axis_name: str = sharding.DATA_AXIS) -> jax.Array:
   """int32 [C, C] counts of (true class, predicted class) pairs: rows are true classes.
 
   labels, preds: integer arrays of the same shape, [B] (classification) or [B, H, W] (segmentation).
   Excluded: elements where `mask` (shape a prefix of labels.shape, e.g. the batch's `valid` [B]) is
   False, and labels outside 0..C-1 (constants.LULC_IGNORE = 255 marks no-data pixels). Predictions must
   lie in 0..C-1: outside jit an out-of-range prediction is an error; under jit it cannot be checked and
-  is not counted. Works under jit with the batch sharded over a mesh (see losses.batch_mesh): each device
+  is not counted. Works under jit with the batch sharded over a mesh (see sharding.batch_mesh): each device
   counts its shard and the counts are summed over the mesh axis.
   """
   if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -70,8 +71,8 @@ def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, mask
   weight = valid.astype(jnp.int32)
   if labels.ndim == 0:
     flat_index, weight = flat_index[None], weight[None]
-  shard_mesh = losses.batch_mesh(flat_index, mesh, axis_name)
-  counts = losses.map_over_batch_shards(
+  shard_mesh = sharding.batch_mesh(flat_index, mesh, axis_name)
+  counts = sharding.map_over_batch_shards(
       lambda index, w, name: _histogram_shard(index, w, num_classes * num_classes, name),
       shard_mesh, axis_name, (flat_index, weight))
   return counts.reshape(num_classes, num_classes)

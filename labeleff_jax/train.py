@@ -29,6 +29,7 @@ from labeleff_jax import objectives
 from labeleff_jax import optim
 from labeleff_jax import plots
 from labeleff_jax import probe
+from labeleff_jax import sharding
 from labeleff_jax import transfer
 from labeleff_jax import writers
 from labeleff_jax.data import constants
@@ -39,24 +40,6 @@ P = jax.sharding.PartitionSpec
 
 class NonFiniteLossError(FloatingPointError):
   """Raised on the host when the training loss turns NaN or infinite."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Mesh.
-# ---------------------------------------------------------------------------------------------------------
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A 1-D `data` mesh over `config.mesh.data` devices (-1: all), on whatever platform JAX found.
-
-  Auto axis types let XLA propagate shardings through the model, so batch-wide reductions (BatchNorm
-  statistics, the NT-Xent similarity matrix) need no sharding annotations in model code.
-  """
-  requested = config.get("mesh", {}).get("data", -1)
-  devices = jax.devices()
-  count = len(devices) if requested in (-1, None) else requested
-  if count > len(devices) or count < 1:
-    raise ValueError(f"config.mesh.data={requested} but {len(devices)} devices are available")
-  return jax.make_mesh((count,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices[:count])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   start_time = time.time()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = make_mesh(config)
+  mesh = sharding.make_mesh(config.get("mesh", {}).get("data", -1))
   config_checks.check(config, num_data_devices=mesh.shape["data"])
   is_main = jax.process_index() == 0
   if is_main:

@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import labeleff_jax  # noqa: E402,F401  (before jax starts a backend: it adds the project's XLA flags)
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

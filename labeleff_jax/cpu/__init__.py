@@ -14,6 +14,8 @@ from flax import nnx
 from labeleff_jax.cpu import convolutions
 from labeleff_jax.cpu.initializers import block_draw
 
+__all__ = ["block_draw", "convolutions", "use_fast_convolutions"]
+
 
 def use_fast_convolutions(model: nnx.Module) -> int:
   """Makes every nnx.Conv in `model` use the CPU kernels; returns how many convolutions it changed."""

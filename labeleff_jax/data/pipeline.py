@@ -33,12 +33,11 @@ from collections.abc import Mapping, Sequence
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from labeleff_jax import sharding
 from labeleff_jax.data import constants, host_batches, label_fraction, preprocess
 from labeleff_jax.data.preprocess import compute_normalization_stats  # noqa: F401  (public re-export)
 
-DATA_AXIS = "data"
 BUILDER_NAME = "ben_ge"
 NORMALIZATIONS = ("reference", "standardize")
 AUGMENT_KEYS = ("flip", "rot90", "brightness", "contrast", "noise_std", "blur_prob")
@@ -415,49 +414,6 @@ def _stats_for(config, stats, *, may_compute_from=None):
 # ---------------------------------------------------------------------------------------------------------
 # Placing host rows on the mesh.
 # ---------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class BatchLayout:
-  """How one global batch is split: this process builds rows [row_start, row_stop)."""
-  global_batch_size: int
-  row_start: int
-  row_stop: int
-  sharding: NamedSharding
-
-  @property
-  def local_batch_size(self) -> int:
-    return self.row_stop - self.row_start
-
-  def to_global(self, host_batch):
-    """Turns this process's numpy rows into global jax.Arrays sharded over the data axis."""
-    def place(rows):
-      global_shape = (self.global_batch_size,) + rows.shape[1:]
-      return jax.make_array_from_process_local_data(self.sharding, rows, global_shape)
-    return jax.tree.map(place, host_batch)
-
-
-def batch_layout(mesh: jax.sharding.Mesh, global_batch_size: int, key: str) -> BatchLayout:
-  """Checks `global_batch_size` against the mesh and finds this process's rows of it."""
-  if DATA_AXIS not in mesh.shape:
-    raise ValueError(f"The mesh has no '{DATA_AXIS}' axis (axes: {tuple(mesh.shape)}); batches are sharded "
-                     f"over '{DATA_AXIS}'.")
-  data_devices = mesh.shape[DATA_AXIS]
-  if global_batch_size % data_devices:
-    raise ValueError(f"{key}={global_batch_size} is not divisible by the {data_devices} devices of the "
-                     f"mesh's '{DATA_AXIS}' axis.")
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  # The rows this process must supply are the union of its devices' shards; ask the sharding rather than
-  # assume processes own equal consecutive blocks in process order.
-  shards = sharding.addressable_devices_indices_map((global_batch_size,)).values()
-  starts = sorted({shard[0].indices(global_batch_size)[0] for shard in shards})
-  stops = sorted({shard[0].indices(global_batch_size)[1] for shard in shards})
-  row_start, row_stop = starts[0], stops[-1]
-  covered = sum(stop - start for start, stop in zip(starts, stops))
-  if covered != row_stop - row_start:
-    raise ValueError("This process's devices hold non-contiguous rows of the batch; order the mesh's "
-                     f"'{DATA_AXIS}' axis by process.")
-  return BatchLayout(global_batch_size, row_start, row_stop, sharding)
-
-
 def _probe(transform: preprocess.ExampleTransform, source, index: int, num_views: int = 1) -> dict:
   """One transformed row, made up front: it fixes the batch buffers' layout, and a missing feature or an
   image_size that does not fit the stored rasters fails here, with its message, not in a worker."""
@@ -562,7 +518,7 @@ class _BatchStream:
   comes from a `host_batches.BufferPool`, so batches reuse it once no array refers to it.
   """
 
-  def __init__(self, rows, template: Mapping, layout: BatchLayout, workers: WorkerOptions,
+  def __init__(self, rows, template: Mapping, layout: sharding.BatchLayout, workers: WorkerOptions,
                num_batches: int):
     self._rows = rows
     self._layout = layout
@@ -624,7 +580,7 @@ class TrainIterator(grain.DatasetIterator):
   """
 
   def __init__(self, source, indices: np.ndarray, transform: preprocess.ExampleTransform,
-               layout: BatchLayout, *, seed: int, num_views: int, workers: WorkerOptions,
+               layout: sharding.BatchLayout, *, seed: int, num_views: int, workers: WorkerOptions,
                stats: dict | None = None):
     super().__init__()
     self._stream = None
@@ -732,7 +688,7 @@ def make_train_iterator(config, source, mesh: jax.sharding.Mesh, *, labels: Sequ
   if global_batch > len(indices):
     raise ValueError(f"train.batch_size={global_batch} exceeds the {len(indices)} training examples "
                      f"(data.label_fraction={config.data.get('label_fraction', 1.0)}): no full batch exists.")
-  layout = batch_layout(mesh, global_batch, "train.batch_size")
+  layout = sharding.batch_layout(mesh, global_batch, "train.batch_size")
   stats = _stats_for(config, stats, may_compute_from=source)
   transform = make_transform(config, labels=labels, train=True, stats=stats)
   return TrainIterator(source, indices, transform, layout, seed=_seed(config),
@@ -750,7 +706,7 @@ class EvalBatches:
   is short and made anew for every evaluation, and starting processes would cost seconds each time.
   """
 
-  def __init__(self, source, transform: preprocess.ExampleTransform, layout: BatchLayout,
+  def __init__(self, source, transform: preprocess.ExampleTransform, layout: sharding.BatchLayout,
                workers: WorkerOptions):
     self._rows = EvalRows(source, transform, global_batch_size=layout.global_batch_size,
                           row_start=layout.row_start, row_stop=layout.row_stop)
@@ -786,7 +742,7 @@ def make_eval_batches(config, source, mesh: jax.sharding.Mesh, *, labels: Sequen
   """
   if len(source) == 0:
     raise ValueError("make_eval_batches: the split has no examples.")
-  layout = batch_layout(mesh, eval_batch_size(config), "eval.batch_size")
+  layout = sharding.batch_layout(mesh, eval_batch_size(config), "eval.batch_size")
   stats = _stats_for(config, stats)
   transform = make_transform(config, labels=labels, train=False, stats=stats)
   return EvalBatches(source, transform, layout, _worker_options(config))
