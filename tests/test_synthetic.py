@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from data_builders.ben_ge import synthetic
-from data_builders.ben_ge import world
+from data_builders.ben_ge import synthetic_world as world
 from labeleff_jax.data import constants
 
 NUM_PATCHES = 150  # enough for the learnability checks to have clear margins, small enough to be fast
@@ -213,7 +213,7 @@ def test_water_patches_get_climate_code_zero(dataset):
 # Season and the world model.
 # ---------------------------------------------------------------------------------------------------------
 def test_season_formula():
-  def reference(date):  # written out independently of world.py
+  def reference(date):  # written out independently of synthetic_world.py
     day = date.timetuple().tm_yday
     return (1 - math.cos(2 * math.pi * (day + 9) / 365.25)) / 2
   assert world.season_from_date(datetime.date(2017, 6, 21)) > 0.9998
