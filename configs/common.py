@@ -83,7 +83,7 @@ def base() -> ConfigDict:
   config.transfer = ConfigDict(dict(mode="finetune", load=[], dont_load=[], backbone="backbone",
                                     backbone_lr_scale=1.0))
   config.contrastive = ConfigDict(dict(temperature=0.1))
-  config.probe = ConfigDict(dict(label="", k=20, every_epochs=1))
+  config.probe = ConfigDict(dict(label="", k=20))
   return config
 
 

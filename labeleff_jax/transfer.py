@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import logging
 import flax.nnx as nnx
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -37,16 +38,15 @@ class TransferError(ValueError):
   """A transfer mapping that cannot be applied as written."""
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """Slash-joined paths of a nested dict of arrays."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, dict):
-      flat.update(_flatten(value, path))
-    else:
-      flat[path] = value
-  return flat
+def _flatten(tree: Any) -> dict[str, Any]:
+  """Slash-joined paths of a nested dict of arrays (nnx pure dicts key list entries by int)."""
+  return traverse_util.flatten_dict(_str_keys(tree), sep="/")
+
+
+def _str_keys(tree):
+  if not isinstance(tree, dict):
+    return tree
+  return {str(k): _str_keys(v) for k, v in tree.items()}
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -112,17 +112,6 @@ def apply_mapping(target: dict, source: dict, mapping, dont_load=()) -> tuple[di
   return new, report
 
 
-def _unflatten(flat: dict) -> dict:
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    parts = path.split("/")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = value
-  return tree
-
-
 def _int_keys(tree):
   """nnx pure dicts key list entries by int; flattened paths turned them into strings."""
   if not isinstance(tree, dict):
@@ -146,7 +135,7 @@ def maybe_initialize(model: nnx.Module, config: ml_collections.ConfigDict) -> di
   source = load_checkpoint_model_state(init_from)
   new_flat, report = apply_mapping(target, source, _parse_mapping(transfer.get("load", [])),
                                    transfer.get("dont_load", []))
-  nnx.replace_by_pure_dict(state, _int_keys(_unflatten(new_flat)))
+  nnx.replace_by_pure_dict(state, _int_keys(traverse_util.unflatten_dict(new_flat, sep="/")))
   nnx.update(model, state)
   logging.info("transfer from %s: loaded %d arrays, skipped %d, fresh %d", init_from,
                len(report["loaded"]), len(report["skipped"]), len(report["fresh"]))

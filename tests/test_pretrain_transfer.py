@@ -3,6 +3,7 @@
 import json
 
 import flax.nnx as nnx
+import jax
 import numpy as np
 import pytest
 
@@ -31,8 +32,10 @@ def pretrained(data_dirs, tmp_path_factory):
   return workdir, summary
 
 
-def _flat(tree, prefix=""):
-  return transfer._flatten(tree, prefix)  # pylint: disable=protected-access
+def _flat(tree):
+  """{'a/b/0/c': leaf} of a nested dict (list entries keyed by int, as in nnx pure dicts)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(part.key) for part in path): leaf for path, leaf in leaves}
 
 
 def test_contrastive_pretraining_lowers_the_loss_and_logs_its_diagnostics(pretrained):
