@@ -1,20 +1,21 @@
-"""Benchmark: the supervised U-Net train step (images/s, compile time, peak RSS) in JAX vs the PyTorch reference.
+"""Benchmark: the supervised U-Net train step (images/s, compile time, peak RSS), JAX vs the PyTorch reference,
+as installed and under the CPU recipe (scripts/cpu_env.sh).
 
     python benchmarks/train_step.py [--torch-python /tmp/torchvenv/bin/python] [--quick]
-        [--batches 8,32] [--out benchmarks/results/train_step.json]
+        [--recipes default,cpu_env] [--batches 8,32] [--dtypes float32,bfloat16] [--conv-impls auto]
+        [--out benchmarks/results/train_step.json]
 
 The JAX step is the engine's own: configs/supervised.py (the reference U-Net, 17,445,389 parameters, SGD
-lr 1e-4), `models.create_model`, `optim.make_optimizer`, `train.build_steps` (donated state) on a 1-device
-mesh, random 120x120x12 inputs. Every configuration (batch x compute dtype x XLA_FLAGS) runs in a fresh
-subprocess: XLA_FLAGS must be set before jax is imported, and XLA:CPU has no memory statistics, so the peak
-RSS of the child (os.wait4) is the memory figure. The torch configurations (torch_reference.py's `step` in
-float32, benchmarks/torch_step.py under bf16 autocast) run interleaved with the JAX ones, so a change of the
-machine's load hits both sides; the JSON records the load average around every measurement. JAX workers
-set up their process like main.py (labeleff_jax's XLA flags, glibc.malloc.hugetlb=1); torch runs as
-installed.
+lr 1e-4) built by `train.init_training` (donated `jax.jit`) on a 1-device mesh, random 120x120x12 inputs.
+The torch step is benchmarks/torch_reference.py's (same model, SGD, cross-entropy), 2 threads.
 
-oneDNN numerics: every JAX configuration reports the loss and gradient norm of its first step (same seed,
-same inputs); the JSON compares them with and without `--xla_cpu_use_onednn=true`.
+A recipe is a set of environment variables applied to both sides before their process starts (an
+allocator can only be chosen then): `default` adds nothing (the install as it comes), `cpu_env` is what
+`source scripts/cpu_env.sh` exports, and the others are there to compare the recipe with alternatives
+(see RECIPES). Every configuration runs in its own subprocess; peak RSS is that child's `ru_maxrss` (os.wait4).
+JAX and torch runs of one batch size and dtype alternate recipe by recipe, so a change of the machine's
+load hits both sides; the JSON records the load average around every run, the CPU, and the kernel's memory
+settings (transparent huge pages, free page reporting), which decide what a re-faulted page costs.
 """
 
 import argparse
@@ -31,8 +32,37 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_REFERENCE = REPO / "benchmarks" / "torch_reference.py"
-ONEDNN = "--xla_cpu_use_onednn=true"
+CPU_ENV_SCRIPT = REPO / "scripts" / "cpu_env.sh"
 THREADS = 2
+# XLA:CPU's concurrency-optimised scheduler trades memory for parallelism; the pre-0.2 library turned it
+# off on import, so the alternatives below can measure it without the library doing so.
+NO_CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def cpu_env_recipe() -> dict:
+  """The variables `source scripts/cpu_env.sh` sets or changes, read from a shell that sourced it."""
+  dump = subprocess.run(["bash", "-c", f"source {CPU_ENV_SCRIPT} >/dev/null 2>&1; env -0"], check=True,
+                        capture_output=True).stdout.decode()
+  after = dict(entry.split("=", 1) for entry in dump.split("\0") if "=" in entry)
+  return {k: v for k, v in after.items() if k in ("LD_PRELOAD", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")
+          and os.environ.get(k) != v}
+
+
+def jemalloc_path() -> str:
+  out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
+  return next((line.split()[-1] for line in out.splitlines() if "libjemalloc.so.2 " in line), "")
+
+
+RECIPES = {
+    "default": lambda: {},
+    "cpu_env": cpu_env_recipe,
+    # The process setup main.py and `import labeleff_jax` applied before 0.2 (glibc huge pages for malloc,
+    # the scheduler flag), kept here as the baseline the recipe replaced.
+    "glibc_hugetlb_sched": lambda: {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                                    "XLA_FLAGS": NO_CONCURRENCY_SCHEDULER},
+    "cpu_env_sched": lambda: {**cpu_env_recipe(), "XLA_FLAGS": NO_CONCURRENCY_SCHEDULER},
+    "jemalloc": lambda: {"LD_PRELOAD": jemalloc_path()} if jemalloc_path() else {},
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,9 +85,8 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
   """Builds the engine's donated train step for `config`, compiles it, runs warm-up and timed steps."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from labeleff_jax import objectives, sharding, train  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import models, objectives, sharding, train  # pylint: disable=g-import-not-at-top
 
-  P = jax.sharding.PartitionSpec
   batch_size = config.train.batch_size
   mesh = sharding.make_mesh(1)
   start = time.perf_counter()
@@ -65,7 +94,8 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
                               total_steps=1000)
   num_params, state, rng_state, train_step = setup.num_params, setup.state, setup.rng_state, setup.train_step
   del setup
-  batch = jax.device_put(random_batch(config, batch_size), jax.sharding.NamedSharding(mesh, P("data")))
+  batch = jax.device_put(random_batch(config, batch_size),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   jax.block_until_ready((state, batch))
   build_s = time.perf_counter() - start
 
@@ -74,8 +104,7 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
     start = time.perf_counter()
     compiled = train_step.lower(state, rng_state, batch, step_arg).compile()
     compile_s = time.perf_counter() - start
-    # Where the engine writes XLA's scratch block first (labeleff_jax/scratch_prefault.py), its sizes.
-    scratch_prefault = next(iter(getattr(train_step, "blocks", {}).values()), None)
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
     start = time.perf_counter()
     state, metrics = compiled(state, rng_state, batch, step_arg)
     metrics = jax.device_get(metrics)
@@ -83,8 +112,8 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
     for i in range(warmup):
       state, _ = compiled(state, rng_state, batch, jnp.asarray(1 + i, jnp.int32))
     jax.block_until_ready(state)
-    # Each step timed on its own (waiting for it costs ~1 ms of a 2 s step), with the memory the host took
-    # back meanwhile: on a VM with free page reporting, single steps differ by ~15 % because of it.
+    # Each step timed on its own, with the memory the VM's host took back meanwhile (where the kernel
+    # reports it): a step whose freed buffers went to the host pays to fault them in again.
     step_times, reported_kib = [], [host_reported_kib()]
     for i in range(steps):
       start = time.perf_counter()
@@ -92,57 +121,46 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
       jax.block_until_ready((state, last))
       step_times.append(time.perf_counter() - start)
       reported_kib.append(host_reported_kib())
-    step_reported_mib = ([] if reported_kib[0] is None else
-                         [(after - before) // 1024 for before, after in zip(reported_kib, reported_kib[1:])])
-    step_s = sum(step_times) / steps
+  reported_mib = ([] if reported_kib[0] is None else
+                  [(after - before) // 1024 for before, after in zip(reported_kib, reported_kib[1:])])
+  step_s = sum(step_times) / steps
   return {"images_per_s": batch_size / step_s, "step_s": step_s,
           "step_s_min_median_max": [min(step_times), statistics.median(step_times), max(step_times)],
-          "step_times_s": [round(t, 3) for t in step_times],
-          "step_host_reported_mib": step_reported_mib, **split_by_host_reporting(step_times, step_reported_mib),
-          "compile_s": compile_s, "scratch_prefault": scratch_prefault,
+          "step_times_s": [round(t, 3) for t in step_times], "step_host_reported_mib": reported_mib,
+          "steps_with_host_reporting": sum(mib >= HOST_REPORTING_HIT_MIB for mib in reported_mib),
+          "compile_s": compile_s, "xla_temp_mib": round(temp_bytes / 2**20, 1),
           "first_step_s": first_step_s, "build_s": build_s, "num_params": int(num_params),
+          "conv_impl": models.resolve_conv_impl(config.model.conv_impl),
           "first_loss": float(metrics["loss"]), "first_grad_norm": float(metrics["grad_norm"]),
-          "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps,
-          "xla_flags_effective": os.environ.get("XLA_FLAGS", ""),  # labeleff_jax adds its defaults
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
-
-
-def supervised_config(batch_size: int, dtype: str):
-  from configs import supervised  # pylint: disable=g-import-not-at-top
-  config = supervised.get_config()
-  config.unlock()
-  config.train.batch_size = batch_size
-  config.train.compute_dtype = dtype
-  config.mesh.data = 1
-  return config
+          "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps}
 
 
 def worker(spec: dict) -> dict:
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
   if spec["bench"] == "supervised":
-    config = supervised_config(spec["batch"], spec["dtype"])
+    from configs import supervised  # pylint: disable=g-import-not-at-top
+    config = supervised.get_config()
   else:
     from configs import contrastive  # pylint: disable=g-import-not-at-top
     config = contrastive.get_config()
-    config.unlock()
-    config.train.batch_size = spec["batch"]
-    config.train.compute_dtype = spec["dtype"]
-    config.mesh.data = 1
+  config.unlock()
+  config.train.batch_size = spec["batch"]
+  config.train.compute_dtype = spec["dtype"]
+  config.model.conv_impl = spec["conv_impl"]
+  config.mesh.data = 1
   return run_jax_step(config, warmup=spec["warmup"], steps=spec["steps"])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Parent side: subprocesses, peak RSS, load, environment.
 # ---------------------------------------------------------------------------------------------------------
-def run_child(argv: list[str], env_updates: dict | None = None, timeout_s: float | None = None) -> dict:
-  """Runs argv, parses the last stdout line as JSON, adds wall time, peak RSS (os.wait4) and the load.
-
-  With `timeout_s`, a child still running then is killed and reported as {"timed_out_s": timeout_s}.
-  """
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env.update({"OMP_NUM_THREADS": str(THREADS), **(env_updates or {})})
+def run_child(argv: list[str], env_updates: dict, timeout_s: float | None = None) -> dict:
+  """Runs argv with `env_updates`, parses the last stdout line as JSON, adds wall time, peak RSS
+  (os.wait4) and the load. A child still running after `timeout_s` is killed: {"timed_out_s": ...}."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "LD_PRELOAD", "GLIBC_TUNABLES", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")}
+  env.update({"OMP_NUM_THREADS": str(THREADS), **env_updates})
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
   with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -164,61 +182,61 @@ def run_child(argv: list[str], env_updates: dict | None = None, timeout_s: float
     err.seek(0)
     stdout, stderr = out.read().decode(), err.read().decode()
   wall = time.perf_counter() - start
+  load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
   if timed_out:
-    return {"timed_out_s": timeout_s, "wall_s": round(wall, 1),
-            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    return {"timed_out_s": timeout_s, "wall_s": round(wall, 1), "load_avg_1m": load}
   if process.returncode != 0:
-    return {"error": f"exit {process.returncode}: {stderr[-2000:]}"}
+    return {"error": f"exit {process.returncode}: {stderr[-2000:]}", "load_avg_1m": load}
   result = json.loads(stdout.strip().splitlines()[-1])
-  result.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), wall_s=round(wall, 1),
-                load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+  result.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), wall_s=round(wall, 1), load_avg_1m=load)
   return result
 
 
-def run_jax(bench: str, batch: int, dtype: str, onednn: bool, warmup: int, steps: int) -> dict:
-  spec = {"bench": bench, "batch": batch, "dtype": dtype, "warmup": warmup, "steps": steps}
-  env = {"XLA_FLAGS": ONEDNN} if onednn else {}
+def run_jax(bench: str, batch: int, dtype: str, recipe: str, conv_impl: str, warmup: int, steps: int) -> dict:
+  spec = {"bench": bench, "batch": batch, "dtype": dtype, "conv_impl": conv_impl, "warmup": warmup,
+          "steps": steps}
+  env = RECIPES[recipe]()
   result = run_child([sys.executable, __file__, "--worker", json.dumps(spec)], env)
-  result.update(framework="jax", batch=batch, dtype=dtype, xla_flags=env.get("XLA_FLAGS", ""))
+  result.update(framework="jax", batch=batch, dtype=dtype, recipe=recipe, recipe_env=env,
+                conv_impl_config=conv_impl)
   log(result)
   return result
 
 
-def run_torch(torch_python: str, model: str, batch: int, autocast: bool, warmup: int, steps: int,
-              timeout_s: float | None = None) -> dict:
+def run_torch(torch_python: str, model: str, batch: int, autocast: bool, recipe: str, warmup: int,
+              steps: int, timeout_s: float | None = None) -> dict:
   argv = [torch_python, str(TORCH_REFERENCE), "step", model, str(batch), str(steps), "--warmup", str(warmup),
           "--threads", str(THREADS)] + (["--autocast"] if autocast else [])
-  result = run_child(argv, timeout_s=timeout_s)
+  env = RECIPES[recipe]()
+  result = run_child(argv, env, timeout_s=timeout_s)
   if "timed_out_s" in result:
     # It did not finish its warm-up and timed steps in time, so it ran slower than this on average.
     result["images_per_s_at_most"] = (warmup + steps) * batch / timeout_s
   result.update(framework="torch", batch=batch, dtype="bfloat16 autocast" if autocast else "float32",
-                command=" ".join(argv[1:]))
+                recipe=recipe, recipe_env=env, command=" ".join(argv[1:]))
   log(result)
   return result
 
 
 def log(result: dict) -> None:
-  keys = ("framework", "batch", "dtype", "xla_flags", "images_per_s", "images_per_s_at_most", "step_s",
-          "compile_s", "peak_rss_mib", "load_avg_1m", "error")
+  keys = ("framework", "recipe", "batch", "dtype", "conv_impl", "images_per_s", "images_per_s_at_most",
+          "step_s", "steps_with_host_reporting", "compile_s", "peak_rss_mib", "load_avg_1m", "error")
   print(json.dumps({k: result[k] for k in keys if k in result}), file=sys.stderr, flush=True)
 
 
 # Kernel settings that decide what a freshly faulted page costs. On a VM with free page reporting (a virtio
-# balloon; `min_free_ms` 0 reports a freed 2 MiB block to the host at once), memory that XLA:CPU frees after
-# one step and faults in again in the next comes back from the host, which made most batch-8 steps here
-# ~0.3 s slower (benchmarks/README.md). Absent files are left out.
+# balloon whose host takes freed 2 MiB blocks back), memory freed after one step comes back from the host
+# in the next. Absent files are left out.
 KERNEL_MEMORY_FILES = {
     "transparent_hugepage": "/sys/kernel/mm/transparent_hugepage/enabled",
     "transparent_hugepage_defrag": "/sys/kernel/mm/transparent_hugepage/defrag",
     "page_reporting_order": "/sys/module/page_reporting/parameters/page_reporting_order",
     "page_reporting_min_free_ms": "/sys/module/page_reporting/parameters/min_free_ms",
 }
-
-
-# KiB the (Firecracker) free page reporting driver has handed to the host so far; the difference of two
-# readings says how much freed memory went back in between.
+# KiB the free page reporting driver has handed to the host so far.
 PAGE_REPORTING_KIB_FILE = "/sys/module/page_reporting/parameters/reported_kib"
+# A step during which the host took back at least this much counts as hit by it.
+HOST_REPORTING_HIT_MIB = 32
 
 
 def read_files(files: dict, convert=str.strip) -> dict:
@@ -237,30 +255,13 @@ def host_reported_kib() -> int | None:
   return read_files({"kib": PAGE_REPORTING_KIB_FILE}, int).get("kib")
 
 
-# A step during which the host took back at least this much is counted as hit by it. Reporting passes that
-# catch XLA:CPU's freed temporaries take 64-192 MiB; other processes' frees add a few MiB now and then.
-HOST_REPORTING_HIT_MIB = 32
-
-
-def split_by_host_reporting(step_times: list, step_reported_mib: list) -> dict:
-  """Mean step time of the steps during which the host took back freed memory, and of the others."""
-  if not step_reported_mib:
-    return {}
-  hit = [t for t, mib in zip(step_times, step_reported_mib) if mib >= HOST_REPORTING_HIT_MIB]
-  clean = [t for t, mib in zip(step_times, step_reported_mib) if mib < HOST_REPORTING_HIT_MIB]
-  return {"steps_with_host_reporting": len(hit),
-          "step_s_with_host_reporting": sum(hit) / len(hit) if hit else None,
-          "step_s_without_host_reporting": sum(clean) / len(clean) if clean else None}
-
-
 def environment(torch_python: str | None) -> dict:
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
   import numpy  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  cpu = "unknown"
-  flags = ""
+  cpu, flags = "unknown", ""
   with open("/proc/cpuinfo") as f:
     for line in f:
       if line.startswith("model name") and cpu == "unknown":
@@ -269,11 +270,10 @@ def environment(torch_python: str | None) -> dict:
         flags = line.split(":", 1)[1]
   env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu,
          "cpu_count": os.cpu_count(), "cpu_simd": sorted(f for f in flags.split() if f.startswith(("avx", "amx"))),
-         "load_avg_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-         "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-         "optax": optax.__version__, "numpy": numpy.__version__,
-         "xla_flags_parent": os.environ.get("XLA_FLAGS", ""), "threads": THREADS,
-         "kernel_memory": read_files(KERNEL_MEMORY_FILES)}
+         "kernel": platform.release(), "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+         "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+         "flax": flax.__version__, "optax": optax.__version__, "numpy": numpy.__version__,
+         "threads": THREADS, "kernel_memory": read_files(KERNEL_MEMORY_FILES)}
   if torch_python:
     probe = subprocess.run([torch_python, "-c", "import torch; print(torch.__version__, "
                             "torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True,
@@ -288,74 +288,36 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
   return round(a["images_per_s"] / b["images_per_s"], 3)
 
 
-def relative_difference(a: float, b: float) -> float:
-  return abs(a - b) / max(abs(a), abs(b), 1e-30)
-
-
-def numerics(runs: list[dict]) -> list[dict]:
-  """First-step loss and gradient norm with vs without oneDNN, same seed and inputs."""
-  rows = []
-  for plain in runs:
-    if plain.get("framework") != "jax" or plain["xla_flags"] or "first_loss" not in plain:
-      continue
-    for other in runs:
-      if (other.get("framework") == "jax" and other["xla_flags"] == ONEDNN and other["batch"] == plain["batch"]
-          and other["dtype"] == plain["dtype"] and "first_loss" in other):
-        rows.append({"batch": plain["batch"], "dtype": plain["dtype"],
-                     "loss": [plain["first_loss"], other["first_loss"]],
-                     "grad_norm": [plain["first_grad_norm"], other["first_grad_norm"]],
-                     "loss_rel_diff": relative_difference(plain["first_loss"], other["first_loss"]),
-                     "grad_norm_rel_diff": relative_difference(plain["first_grad_norm"],
-                                                               other["first_grad_norm"])})
-  return rows
-
-
 def find(runs, **match):
-  for run in runs:
-    if all(run.get(k) == v for k, v in match.items()) and "images_per_s" in run:
-      return run
-  return None
+  return next((run for run in runs if all(run.get(k) == v for k, v in match.items()) and "images_per_s" in run),
+              None)
 
 
-def best(runs, **match):
-  hits = [r for r in runs if all(r.get(k) == v for k, v in match.items()) and "images_per_s" in r]
-  return max(hits, key=lambda r: r["images_per_s"]) if hits else None
+# Goals of issue 13 for the float32 step under the CPU recipe, torch under the same recipe.
+GOALS = {8: 1.3, 32: 1.5}
 
 
-def summarize(runs: list[dict], batches: list[int]) -> dict:
-  """JAX/torch images/s ratios per batch size, and the issue's goals."""
+def summarize(runs: list[dict], batches: list[int], recipes: list[str], dtypes: list[str],
+              conv_impls: list[str]) -> dict:
+  """JAX/torch images/s per batch size, dtype, recipe (torch under the same recipe) and conv_impl, and the
+  goals (float32, CPU recipe)."""
   out = {}
-  for b in batches:
-    torch32 = find(runs, framework="torch", batch=b, dtype="float32")
-    torch16 = find(runs, framework="torch", batch=b, dtype="bfloat16 autocast")
-    j32 = find(runs, framework="jax", batch=b, dtype="float32", xla_flags="")
-    j32d = find(runs, framework="jax", batch=b, dtype="float32", xla_flags=ONEDNN)
-    j16 = find(runs, framework="jax", batch=b, dtype="bfloat16", xla_flags="")
-    j16d = find(runs, framework="jax", batch=b, dtype="bfloat16", xla_flags=ONEDNN)
-    best32 = best(runs, framework="jax", batch=b, dtype="float32")
-    best16 = best(runs, framework="jax", batch=b, dtype="bfloat16")
-    best_jax = best(runs, framework="jax", batch=b)
-    best_torch = best(runs, framework="torch", batch=b)
-    row = {
-        "fp32_default_vs_torch_fp32": ratio(j32, torch32),
-        "fp32_onednn_vs_torch_fp32": ratio(j32d, torch32),
-        "bf16_default_vs_torch_autocast": ratio(j16, torch16),
-        "bf16_onednn_vs_torch_autocast": ratio(j16d, torch16),
-        "best_jax_vs_torch_fp32": ratio(best_jax, torch32),
-        "best_jax_vs_best_torch": ratio(best_jax, best_torch),
-        "best_jax": best_jax and {k: best_jax[k] for k in ("dtype", "xla_flags", "images_per_s")},
-        "best_torch": best_torch and {k: best_torch[k] for k in ("dtype", "images_per_s")},
-    }
-    fp32_ratio, bf16_ratio = ratio(best32, torch32), ratio(best16, torch16)
-    row["goal_fp32_1.5x_torch"] = None if fp32_ratio is None else {"ratio": fp32_ratio, "met": fp32_ratio >= 1.5}
-    row["goal_bf16_1x_autocast"] = None if bf16_ratio is None else {"ratio": bf16_ratio, "met": bf16_ratio >= 1.0}
-    torch16_timed_out = next((r for r in runs if r.get("framework") == "torch" and r.get("batch") == b
-                              and r.get("dtype") == "bfloat16 autocast" and "images_per_s_at_most" in r), None)
-    if bf16_ratio is None and best16 and torch16_timed_out:
-      at_least = round(best16["images_per_s"] / torch16_timed_out["images_per_s_at_most"], 3)
-      row["goal_bf16_1x_autocast"] = {"ratio_at_least": at_least, "met": at_least >= 1.0,
-                                      "note": "torch autocast timed out; its images/s is an upper bound"}
-    out[f"batch_{b}"] = row
+  for batch in batches:
+    for dtype in dtypes:
+      torch_dtype = "float32" if dtype == "float32" else "bfloat16 autocast"
+      row = {}
+      for recipe in recipes:
+        torch_run = find(runs, framework="torch", batch=batch, dtype=torch_dtype, recipe=recipe)
+        for conv_impl in conv_impls:
+          jax_run = find(runs, framework="jax", batch=batch, dtype=dtype, recipe=recipe,
+                         conv_impl_config=conv_impl)
+          entry = {"jax_images_per_s": jax_run and round(jax_run["images_per_s"], 3),
+                   "torch_images_per_s": torch_run and round(torch_run["images_per_s"], 3),
+                   "jax_vs_torch": ratio(jax_run, torch_run)}
+          if dtype == "float32" and recipe == "cpu_env" and batch in GOALS and entry["jax_vs_torch"]:
+            entry["goal"] = {"ratio": GOALS[batch], "met": entry["jax_vs_torch"] >= GOALS[batch]}
+          row[recipe if conv_impl == conv_impls[0] else f"{recipe}, conv_impl={conv_impl}"] = entry
+      out[f"batch_{batch}_{dtype}"] = row
   return out
 
 
@@ -371,45 +333,45 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--torch-python", help="python of a venv with torch (e.g. /tmp/torchvenv/bin/python)")
-  parser.add_argument("--quick", action="store_true", help="batch 8 only")
+  parser.add_argument("--quick", action="store_true", help="batch 8, float32 only")
+  parser.add_argument("--recipes", default="default,cpu_env", help=f"comma-separated, of {sorted(RECIPES)}")
   parser.add_argument("--batches", default="8,32")
   parser.add_argument("--dtypes", default="float32,bfloat16")
-  parser.add_argument("--onednn", default="off,on", help="XLA_FLAGS variants: off, on or off,on")
+  parser.add_argument("--conv-impls", default="auto", help="config.model.conv_impl values for JAX")
   parser.add_argument("--torch-timeout", type=float, default=600,
                       help="seconds a torch run may take; slower ones are killed and bounded from above")
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
   args = parser.parse_args()
   if args.worker:
-    sys.path.insert(0, str(REPO))
     print(json.dumps(worker(json.loads(args.worker))))
     return
 
   batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
-  dtypes = args.dtypes.split(",")
-  variants = [v == "on" for v in args.onednn.split(",")]
-  # (warm-up, timed) steps by (batch, dtype). Torch's float32 step takes ~3 s at batch 8 and ~14 s at
-  # batch 32 on this CPU, its bf16 autocast step ~60 s at batch 8. At batch 8 in float32 most JAX steps
-  # here take either ~1.75 s or ~2.0 s (the host reclaiming freed memory, benchmarks/README.md): twenty
-  # timed steps (and torch's reference step with twenty too) average that instead of sampling five.
+  dtypes = ["float32"] if args.quick else args.dtypes.split(",")
+  recipes = args.recipes.split(",")
+  unknown = sorted(set(recipes) - set(RECIPES))
+  if unknown:
+    parser.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)}")
+  conv_impls = args.conv_impls.split(",")
+  # (warm-up, timed) steps by (batch, dtype): enough timed steps at batch 8 float32 to average over the
+  # step-to-step spread; fewer where a step takes many seconds.
   schedule = {(8, "float32"): (2, 20), (8, "bfloat16"): (1, 5)}
   env = environment(args.torch_python)
   print(json.dumps({"environment": env}), file=sys.stderr, flush=True)
   runs = []
-  for b in batches:
+  for batch in batches:
     for dtype in dtypes:
-      warmup, steps = schedule.get((b, dtype), (1, 2))
-      # Interleaved: torch sits between the two JAX variants of the same dtype.
-      runs.append(run_jax("supervised", b, dtype, variants[0], warmup, steps))
-      if args.torch_python:
-        runs.append(run_torch(args.torch_python, "unet", b, dtype == "bfloat16", warmup, steps,
-                              args.torch_timeout))
-      for onednn in variants[1:]:
-        runs.append(run_jax("supervised", b, dtype, onednn, warmup, steps))
+      warmup, steps = schedule.get((batch, dtype), (1, 4))
+      for recipe in recipes:  # JAX and torch alternate, recipe by recipe
+        for conv_impl in conv_impls:
+          runs.append(run_jax("supervised", batch, dtype, recipe, conv_impl, warmup, steps))
+        if args.torch_python:
+          runs.append(run_torch(args.torch_python, "unet", batch, dtype == "bfloat16", recipe, warmup, steps,
+                                args.torch_timeout))
   env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
   report = {"benchmark": "supervised U-Net train step (configs/supervised.py, 120x120x12, SGD lr 1e-4)",
             "command": " ".join(["python", "benchmarks/train_step.py"] + sys.argv[1:]),
-            "environment": env, "runs": runs, "ratios": summarize(runs, batches),
-            "onednn_numerics": numerics(runs)}
+            "environment": env, "runs": runs, "ratios": summarize(runs, batches, recipes, dtypes, conv_impls)}
   write_report(report, args.out)
 
 

@@ -67,6 +67,8 @@ def base() -> ConfigDict:
       name="unet", fusion="early", width=64, dropout=0.5, shared_backbone=False,
       mlp_features=(64, 64), task_weighting="fixed", backbone="resnet18",
       projector=(512, 256), shared_projector=True, modality_a="s2", modality_b="s1",
+      # 'xla': XLA's own convolutions; 'cpu_fast': labeleff_jax/cpu's; 'auto': cpu_fast on a CPU backend.
+      conv_impl="auto",
   ))
   config.tasks = [task("climatezone", "classification", 12)]
   # Reference: SGD lr 1e-4 without momentum, cosine annealing with T_max=300 stepped once per epoch.
