@@ -40,12 +40,9 @@ VERSION = "1.0.0"
 # Shards of at most this many examples (~0.53 MB each, so ~140 MB per shard): large enough to keep the
 # file count low, small enough that a partial read of a split touches little data.
 EXAMPLES_PER_SHARD = 256
-# array_record writer options. TFDS's default ('group_size:1', i.e. zstd level 3) made decompression the
-# largest single cost of the training input pipeline: reading a record took ~0.8 ms of CPU instead of
-# ~0.2 ms uncompressed, about a third of the pipeline's whole per-example cost, and is paid again every
-# epoch. Uncompressed shards are ~32 % larger (synthetic ben-ge-800: 427 MB instead of 324 MB; the full
-# ben-ge ~315 GB instead of ~240 GB); 'group_size:1,snappy' is the middle ground (+19 % size, ~0.33 ms).
-# benchmarks/input_pipeline.py measures all three. Readers detect the compression from the file.
+# array_record writer options. With TFDS's default (zstd) decompressing a record was the largest single cost
+# of the training input pipeline, paid again every epoch; uncompressed shards are about a third larger.
+# benchmarks/input_pipeline.py measures the options (benchmarks/README.md). Readers detect the compression.
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
