@@ -18,6 +18,7 @@ from labeleff_jax import losses
 from labeleff_jax import metrics
 from labeleff_jax.data import constants
 
+
 def _valid_mask(batch, target):
   """Broadcasts the per-example `valid` flag to the shape of `target` (pixels for segmentation)."""
   valid = batch["valid"]
@@ -187,7 +188,6 @@ OBJECTIVES = {"supervised": SupervisedObjective, "contrastive": ContrastiveObjec
 
 
 def make_objective(config: ml_collections.ConfigDict) -> Any:
-  name = config.get("objective", "supervised")
-  if name not in OBJECTIVES:
-    raise ValueError(f"config.objective={name!r} is unknown; choose one of {tuple(OBJECTIVES)}")
+  name = config_checks.check_choice(config.get("objective", "supervised"), config_checks.OBJECTIVES,
+                                    "objective")
   return OBJECTIVES[name](config)

@@ -30,8 +30,8 @@ import optax
 import orbax.checkpoint as ocp
 
 from labeleff_jax import checkpoint as checkpoint_lib
+from labeleff_jax import config_checks
 
-MODES = ("finetune", "linear_probe")
 
 
 class TransferError(ValueError):
@@ -124,8 +124,7 @@ def maybe_initialize(model: nnx.Module, config: ml_collections.ConfigDict) -> di
   init_from = config.get("init_from", None)
   transfer = config.get("transfer", ml_collections.ConfigDict())
   mode = transfer.get("mode", "finetune")
-  if mode not in MODES:
-    raise TransferError(f"transfer.mode={mode!r} is unknown; choose one of {MODES}")
+  config_checks.check_choice(mode, config_checks.TRANSFER_MODES, "transfer.mode")
   if not init_from:
     if mode == "linear_probe":
       raise TransferError("transfer.mode='linear_probe' needs config.init_from (a pretrained run)")
