@@ -88,7 +88,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
 def check_data(config) -> None:
-  """`config.data` and the batch sizes, as the input pipeline reads them."""
+  """`config.data`, the seed and the batch sizes: everything the input pipeline reads (pipeline.DataSpec)."""
   data = config.data
   check_modalities(data.get("modalities", ()))
   name = data.get("name", None)
@@ -98,6 +98,10 @@ def check_data(config) -> None:
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
     raise ConfigError(f"data.label_fraction={fraction!r} must be a number in (0, 1]")
   check_int(get(data, "label_fraction_seed", 0), "data.label_fraction_seed")
+  # Stratification reads one integer class per example, so only the classification labels qualify.
+  check_choice(get(data, "stratify_by", "climatezone"),
+               [key for key, label in constants.LABELS.items() if label.kind == "classification"],
+               "data.stratify_by")
   check_int(config.get("seed", 0), "seed")
   image_size = get(data, "image_size", None)
   if image_size is not None:
@@ -105,10 +109,11 @@ def check_data(config) -> None:
     if image_size > constants.PATCH_SIZE:
       raise ConfigError(f"data.image_size={image_size} is larger than the stored {constants.PATCH_SIZE} px")
   check_choice(get(data, "normalization", "reference"), NORMALIZATIONS, "data.normalization")
+  check_int(get(data, "normalization_max_examples", 1000), "data.normalization_max_examples", minimum=1)
   check_choice(get(data, "num_views", 1), (1, 2), "data.num_views")
   threshold = get(data, "multilabel_threshold", 0.05)
-  if not 0.0 <= threshold < 1.0:
-    raise ConfigError(f"data.multilabel_threshold={threshold} must be in [0, 1)")
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+    raise ConfigError(f"data.multilabel_threshold={threshold!r} must be a number in [0, 1)")
   augment = dict(get(data, "augment", {}))
   unknown = sorted(set(augment) - set(AUGMENT_KEYS))
   if unknown:

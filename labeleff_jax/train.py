@@ -23,7 +23,6 @@ import tqdm
 
 from labeleff_jax import checkpoint as checkpoint_lib
 from labeleff_jax import config_checks
-from labeleff_jax import datasets
 from labeleff_jax import models
 from labeleff_jax import objectives
 from labeleff_jax import optim
@@ -34,6 +33,7 @@ from labeleff_jax import transfer
 from labeleff_jax import writers
 from labeleff_jax.data import constants
 from labeleff_jax.data import pipeline
+from labeleff_jax.data import splits
 
 P = jax.sharding.PartitionSpec
 
@@ -171,21 +171,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   is_main = jax.process_index() == 0
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  synthetic_note = " (synthetic data)" if datasets.is_synthetic(config) else ""
+  synthetic_note = " (synthetic data)" if splits.is_synthetic(config) else ""
 
   # -- Input ----------------------------------------------------------------------------------------------
-  sources = datasets.open_splits(config)
+  sources = splits.open_splits(config)
   objective = objectives.make_objective(config)
-  labels = config_checks.required_labels(config)
+  data_spec = pipeline.DataSpec.from_config(config)  # carries the labels the tasks and the probe need
   pretraining = config.get("objective", "supervised") == "contrastive"
   # Self-supervised pretraining learns from every training image; labels only feed its k-NN probe.
-  train_indices = pipeline.select_indices(config, sources["train"], "all" if pretraining else "labelled")
+  train_indices = pipeline.select_indices(data_spec, sources["train"], "all" if pretraining else "labelled")
   probe_label = config_checks.probe_label(config)
-  stats = datasets.normalization_stats(config, sources["train"], workdir)
-  train_iter = pipeline.make_train_iterator(config, sources["train"], mesh, labels=labels,
-                                            indices=train_indices, stats=stats)
-  batch_size = config.train.batch_size
-  steps_per_epoch = pipeline.steps_per_epoch(len(train_indices), batch_size)
+  stats = pipeline.normalization_stats(data_spec, sources["train"], workdir=workdir)
+  train_iter = pipeline.make_train_iterator(data_spec, sources["train"], mesh, indices=train_indices,
+                                            stats=stats)
+  batch_size = data_spec.train_batch_size
+  steps_per_epoch = train_iter.steps_per_epoch
   total_steps = config.train.get("max_steps", None) or config.train.num_epochs * steps_per_epoch
   logging.info("train examples %d (label fraction %s), %d steps/epoch, %d steps", len(train_indices),
                config.data.label_fraction, steps_per_epoch, total_steps)
@@ -198,15 +198,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   def run_eval(split):
     """Whole-split metrics, plus the k-NN probe of the representation when the config asks for one."""
-    batches = pipeline.make_eval_batches(config, sources[split], mesh, labels=labels, stats=stats)
+    batches = pipeline.make_eval_batches(data_spec, sources[split], mesh, stats=stats)
     result, first = evaluate(eval_step, state, rng_state, batches, objective)
     if probe_label:
       embed = lambda batch: embed_step(state, rng_state, batch)  # noqa: E731
       bank = probe.collect_features(embed, pipeline.make_eval_batches(
-          config, sources["train"], mesh, labels=labels, stats=stats), probe_label,
-                                    keep_indices=pipeline.select_indices(config, sources["train"], "labelled"))
+          data_spec, sources["train"], mesh, stats=stats), probe_label,
+                                    keep_indices=pipeline.select_indices(data_spec, sources["train"], "labelled"))
       query = probe.collect_features(embed, pipeline.make_eval_batches(
-          config, sources[split], mesh, labels=labels, stats=stats), probe_label)
+          data_spec, sources[split], mesh, stats=stats), probe_label)
       result["probe/knn_accuracy"] = probe.knn_accuracy(*bank, *query, k=config.probe.get("k", 20),
                                                         num_classes=constants.LABELS[probe_label].num_classes)
     return result, first

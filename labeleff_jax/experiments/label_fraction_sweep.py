@@ -106,10 +106,11 @@ class _BatchSizer:
   def labelled_count(self, run_config) -> int:
     fraction = float(run_config.data.label_fraction)
     if fraction not in self.counts:
-      from labeleff_jax import datasets  # pylint: disable=g-import-not-at-top
-      from labeleff_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-      train_split = datasets.open_splits(run_config)["train"]
-      self.counts[fraction] = len(pipeline.select_indices(run_config, train_split, "labelled"))
+      from labeleff_jax.data import pipeline, splits  # pylint: disable=g-import-not-at-top
+      splits.ensure_prepared(run_config)
+      train_split = splits.open_split(run_config, "train")
+      spec = pipeline.DataSpec.from_config(run_config)
+      self.counts[fraction] = len(pipeline.select_indices(spec, train_split, "labelled"))
     return self.counts[fraction]
 
   def __call__(self, run: runner.Run) -> None:

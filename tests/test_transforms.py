@@ -1,11 +1,12 @@
-"""Tests of the per-example preprocessing: normalisation values, labels, joint geometry, spectral jitter."""
+"""Tests of the per-example transforms: normalisation values, labels, joint geometry, spectral jitter."""
 
 import json
 
 import numpy as np
 import pytest
 
-from labeleff_jax.data import constants, preprocess
+from labeleff_jax import config_checks
+from labeleff_jax.data import constants, transforms
 
 
 def make_example(size=8, seed=0):
@@ -43,7 +44,7 @@ def test_reference_normalisation_matches_hand_computed_values():
   example["lulc"] = np.array([[0, 10], [255, 3]], np.uint8)
   era5 = constants.ERA5_OFFSET + 2.0 * constants.ERA5_SCALE
   example["era5"] = era5.astype(np.float32)
-  inputs = preprocess.normalize(example, list(constants.MODALITIES))
+  inputs = transforms.normalize(example, list(constants.MODALITIES))
 
   np.testing.assert_allclose(inputs["s2"][..., 0], [[0.0, 0.25], [1.0, 1.0]], rtol=1e-6)
   # (clip(x, -25, 0) + 25) / 25
@@ -61,7 +62,7 @@ def test_reference_normalisation_matches_hand_computed_values():
 
 
 def test_only_requested_modalities_are_returned():
-  inputs = preprocess.normalize(make_example(), ["s1", "season"])
+  inputs = transforms.normalize(make_example(), ["s1", "season"])
   assert sorted(inputs) == ["s1", "season"]
 
 
@@ -70,7 +71,7 @@ def test_standardisation_uses_given_statistics():
   mean = np.arange(12, dtype=np.float32) * 10
   std = np.arange(1, 13, dtype=np.float32)
   stats = {"s2": {"mean": mean.tolist(), "std": std.tolist()}}
-  inputs = preprocess.normalize(example, ["s2", "s1"], stats)
+  inputs = transforms.normalize(example, ["s2", "s1"], stats)
   expected = (example["s2"].astype(np.float64) - mean) / std
   np.testing.assert_allclose(inputs["s2"], expected, rtol=1e-5)
   # s1 is missing from the stats, so it keeps the reference scaling.
@@ -79,9 +80,9 @@ def test_standardisation_uses_given_statistics():
 
 def test_bad_statistics_are_rejected_with_the_modality_named():
   with pytest.raises(ValueError, match="'s1'"):
-    preprocess.prepare_stats({"s1": {"mean": [0.0], "std": [1.0, 1.0]}})
+    transforms.prepare_stats({"s1": {"mean": [0.0], "std": [1.0, 1.0]}})
   with pytest.raises(ValueError, match="'dem'"):
-    preprocess.prepare_stats({"dem": {"mean": [0.0], "std": [0.0]}})
+    transforms.prepare_stats({"dem": {"mean": [0.0], "std": [0.0]}})
 
 
 class ListSource(list):
@@ -93,7 +94,7 @@ def test_normalisation_statistics_match_numpy_over_the_split():
   rng = np.random.default_rng(3)
   for example in examples:  # uint16 values near 10^4, where a naive float32 sum of squares goes wrong
     example["s2"] = rng.integers(9000, 11000, example["s2"].shape).astype(np.uint16)
-  stats = preprocess.compute_normalization_stats(examples, ["s2", "dem", "era5", "lulc", "season"])
+  stats = transforms.compute_normalization_stats(examples, ["s2", "dem", "era5", "lulc", "season"])
   assert sorted(stats) == ["dem", "era5", "s2"]
   json.dumps(stats)  # stored in the workdir as JSON
   for name in stats:
@@ -101,7 +102,7 @@ def test_normalisation_statistics_match_numpy_over_the_split():
     values = stacked.reshape(-1, constants.MODALITIES[name])
     np.testing.assert_allclose(stats[name]["mean"], values.mean(axis=0), rtol=1e-9)
     np.testing.assert_allclose(stats[name]["std"], values.std(axis=0), rtol=1e-7)
-  subset = preprocess.compute_normalization_stats(examples, ["dem"], max_examples=2)
+  subset = transforms.compute_normalization_stats(examples, ["dem"], max_examples=2)
   picked = np.stack([examples[0]["dem"], examples[4]["dem"]]).astype(np.float64)  # evenly spaced: 0, 4
   np.testing.assert_allclose(subset["dem"]["mean"], [picked.mean()], rtol=1e-9)
   assert subset["dem"]["num_examples"] == 2
@@ -112,7 +113,7 @@ def test_labels_have_the_documented_dtypes_and_values():
   example["lulc"][0, 0] = 255
   example["lulc"][0, 1] = 42  # not a class: must become the ignore value, never a class index
   example["lulc_fractions"] = np.array([0.5, 0.05, 0.06, 0.0, 0.39] + [0.0] * 6, np.float32)
-  labels = preprocess.make_labels(example, list(preprocess.LABELS), threshold=0.05)
+  labels = transforms.make_labels(example, list(constants.LABELS), threshold=0.05)
   assert labels["climatezone"].dtype == np.int32 and labels["climatezone"] == 5
   assert labels["lulc_top"].dtype == np.int32
   assert labels["geocluster"] == 17
@@ -126,24 +127,24 @@ def test_labels_have_the_documented_dtypes_and_values():
 
 def test_unknown_names_and_out_of_range_classes_raise_clearly():
   with pytest.raises(ValueError, match="'colour'"):
-    preprocess.make_labels(make_example(), ["colour"])
+    transforms.make_labels(make_example(), ["colour"])
   with pytest.raises(ValueError, match="'sentinel3'"):
-    preprocess.check_modalities(["s2", "sentinel3"])
+    config_checks.check_modalities(["s2", "sentinel3"])
   example = make_example()
   example["climatezone"] = 12
   with pytest.raises(ValueError, match="'climatezone'"):
-    preprocess.normalize(example, ["climatezone"])
+    transforms.normalize(example, ["climatezone"])
   del example["era5"]
   with pytest.raises(KeyError, match="'era5'"):
-    preprocess.normalize(example, ["era5"])
+    transforms.normalize(example, ["era5"])
 
 
 def test_dihedral_moves_images_and_mask_together():
   example = make_example(size=6)
-  rasters = preprocess.rasters_of(example)
+  rasters = transforms.rasters_of(example)
   seen = set()
   for seed in range(40):
-    out = preprocess.random_dihedral(rasters, np.random.default_rng(seed))
+    out = transforms.random_dihedral(rasters, np.random.default_rng(seed))
     position = out["dem"][..., 0].astype(np.int64)  # dem holds each pixel's original position
     np.testing.assert_array_equal(out["lulc"], position % 11)
     np.testing.assert_array_equal(out["s2"].astype(np.int64), position[..., None] + 100 * np.arange(12))
@@ -156,41 +157,41 @@ def test_dihedral_moves_images_and_mask_together():
 
 
 def test_dihedral_options_switch_flip_and_rotation_off():
-  rasters = preprocess.rasters_of(make_example(size=5))
+  rasters = transforms.rasters_of(make_example(size=5))
   original = rasters["dem"]
   for seed in range(20):
     rng = np.random.default_rng(seed)
-    only_rotations = preprocess.random_dihedral(rasters, rng, flip=False)["dem"]
+    only_rotations = transforms.random_dihedral(rasters, rng, flip=False)["dem"]
     assert any(np.array_equal(only_rotations, np.rot90(original, k)) for k in range(4))
-    only_flip = preprocess.random_dihedral(rasters, rng, rot90=False)["dem"]
+    only_flip = transforms.random_dihedral(rasters, rng, rot90=False)["dem"]
     assert np.array_equal(only_flip, original) or np.array_equal(only_flip, original[:, ::-1])
-    untouched = preprocess.random_dihedral(rasters, rng, flip=False, rot90=False)["dem"]
+    untouched = transforms.random_dihedral(rasters, rng, flip=False, rot90=False)["dem"]
     np.testing.assert_array_equal(untouched, original)
 
 
 def test_random_crop_takes_the_same_window_from_every_raster():
   example = make_example(size=10)
-  rasters = preprocess.rasters_of(example)
+  rasters = transforms.rasters_of(example)
   corners = set()
   for seed in range(30):
-    top, left = preprocess.random_crop_offsets(np.random.default_rng(seed), 10, 10, 4)
+    top, left = transforms.random_crop_offsets(np.random.default_rng(seed), 10, 10, 4)
     assert 0 <= top <= 6 and 0 <= left <= 6
     corners.add((top, left))
-    out = preprocess.crop(rasters, top, left, 4)
+    out = transforms.crop(rasters, top, left, 4)
     expected_position = (np.arange(top, top + 4)[:, None] * 10 + np.arange(left, left + 4)[None, :])
     np.testing.assert_array_equal(out["dem"][..., 0], expected_position)
     np.testing.assert_array_equal(out["lulc"], expected_position % 11)
     np.testing.assert_array_equal(out["s2"][..., 3], expected_position + 300)
   assert len(corners) > 5
-  assert preprocess.center_crop_offsets(10, 10, 4) == (3, 3)
-  assert preprocess.center_crop_offsets(120, 120, 32) == (44, 44)
+  assert transforms.center_crop_offsets(10, 10, 4) == (3, 3)
+  assert transforms.center_crop_offsets(120, 120, 32) == (44, 44)
   with pytest.raises(ValueError, match="image_size"):
-    preprocess.center_crop_offsets(10, 10, 12)
+    transforms.center_crop_offsets(10, 10, 12)
 
 
 def test_training_transform_crops_and_augments_jointly_and_eval_is_centred():
   example = make_example(size=12)
-  train = preprocess.ExampleTransform(modalities=("s2", "dem", "lulc"), labels=("lulc",), image_size=6,
+  train = transforms.ExampleTransform(modalities=("s2", "dem", "lulc"), labels=("lulc",), image_size=6,
                                       train=True, flip=True, rot90=True)
   for seed in range(10):
     row = train.view(example, np.random.default_rng(seed))
@@ -201,7 +202,7 @@ def test_training_transform_crops_and_augments_jointly_and_eval_is_centred():
     np.testing.assert_allclose(row["inputs"]["s2"][..., 0], position / 1e4, rtol=1e-6)
     # A window of 6x6 contiguous pixels: the spread of positions is that of a 6x6 block.
     assert position.max() - position.min() == 5 * 12 + 5
-  evaluation = preprocess.ExampleTransform(modalities=("dem",), labels=("lulc",), image_size=6)
+  evaluation = transforms.ExampleTransform(modalities=("dem",), labels=("lulc",), image_size=6)
   row = evaluation.view(example, None)
   expected = np.arange(3, 9)[:, None] * 12 + np.arange(3, 9)[None, :]
   np.testing.assert_allclose(row["inputs"]["dem"][..., 0] * constants.DEM_SCALE_M, expected, rtol=1e-6)
@@ -210,9 +211,9 @@ def test_training_transform_crops_and_augments_jointly_and_eval_is_centred():
 
 def test_spectral_augmentation_keeps_shapes_and_finiteness_and_spares_categorical_inputs():
   example = make_example(size=16)
-  inputs = preprocess.normalize(example, ["s2", "s1", "lulc", "era5"])
-  options = preprocess.SpectralAugment(brightness=0.2, contrast=0.3, noise_std=0.05, blur_prob=1.0)
-  out = preprocess.spectral_augment(inputs, np.random.default_rng(0), options)
+  inputs = transforms.normalize(example, ["s2", "s1", "lulc", "era5"])
+  options = transforms.SpectralAugment(brightness=0.2, contrast=0.3, noise_std=0.05, blur_prob=1.0)
+  out = transforms.spectral_augment(inputs, np.random.default_rng(0), options)
   for name in inputs:
     assert out[name].shape == inputs[name].shape and out[name].dtype == np.float32
     assert np.all(np.isfinite(out[name]))
@@ -220,21 +221,21 @@ def test_spectral_augmentation_keeps_shapes_and_finiteness_and_spares_categorica
   assert not np.allclose(out["s1"], inputs["s1"])
   np.testing.assert_array_equal(out["lulc"], inputs["lulc"])
   np.testing.assert_array_equal(out["era5"], inputs["era5"])
-  again = preprocess.spectral_augment(inputs, np.random.default_rng(0), options)
+  again = transforms.spectral_augment(inputs, np.random.default_rng(0), options)
   np.testing.assert_array_equal(again["s2"], out["s2"])  # pure function of the generator
-  untouched = preprocess.spectral_augment(inputs, np.random.default_rng(0), preprocess.SpectralAugment())
+  untouched = transforms.spectral_augment(inputs, np.random.default_rng(0), transforms.SpectralAugment())
   np.testing.assert_array_equal(untouched["s2"], inputs["s2"])
 
 
 def test_brightness_and_contrast_act_per_band():
   image = np.random.default_rng(1).random((8, 8, 3)).astype(np.float32)
-  shifted = preprocess.spectral_augment({"s1": image}, np.random.default_rng(2),
-                                        preprocess.SpectralAugment(brightness=0.5))["s1"]
+  shifted = transforms.spectral_augment({"s1": image}, np.random.default_rng(2),
+                                        transforms.SpectralAugment(brightness=0.5))["s1"]
   shift = (shifted - image).reshape(-1, 3)
   np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-6)  # one shift per band
   assert np.all(np.abs(shift[0]) <= 0.5) and len(set(np.round(shift[0], 6))) == 3
-  scaled = preprocess.spectral_augment({"s1": image}, np.random.default_rng(2),
-                                       preprocess.SpectralAugment(contrast=0.5))["s1"]
+  scaled = transforms.spectral_augment({"s1": image}, np.random.default_rng(2),
+                                       transforms.SpectralAugment(contrast=0.5))["s1"]
   np.testing.assert_allclose(scaled.mean(axis=(0, 1)), image.mean(axis=(0, 1)), atol=1e-5)  # mean kept
   ratio = scaled.std(axis=(0, 1)) / image.std(axis=(0, 1))
   assert np.all((ratio >= 0.5 - 1e-4) & (ratio <= 1.5 + 1e-4))
@@ -242,10 +243,10 @@ def test_brightness_and_contrast_act_per_band():
 
 def test_gaussian_blur_keeps_constants_and_mass_and_spreads_a_point():
   constant = np.full((9, 9, 2), 3.0, np.float32)
-  np.testing.assert_allclose(preprocess.gaussian_blur(constant, 1.5), constant, rtol=1e-6)
+  np.testing.assert_allclose(transforms.gaussian_blur(constant, 1.5), constant, rtol=1e-6)
   point = np.zeros((15, 15, 1), np.float32)
   point[7, 7] = 1.0
-  blurred = preprocess.gaussian_blur(point, 1.0)
+  blurred = transforms.gaussian_blur(point, 1.0)
   np.testing.assert_allclose(blurred.sum(), 1.0, rtol=1e-5)  # no mass reaches the border
   assert blurred[7, 7, 0] < 1.0 and blurred[7, 8, 0] > 0
   # Separable Gaussian with sigma 1: the centre weight is (1 / sum_k exp(-k^2 / 2), k = -2..2)^2.
@@ -253,17 +254,14 @@ def test_gaussian_blur_keeps_constants_and_mass_and_spreads_a_point():
   np.testing.assert_allclose(blurred[7, 7, 0], (1 / taps.sum()) ** 2, rtol=1e-5)
 
 
-def test_spectral_options_are_validated():
-  with pytest.raises(ValueError, match="blur_prob"):
-    preprocess.SpectralAugment(blur_prob=1.5)
-  with pytest.raises(ValueError, match="noise_std"):
-    preprocess.SpectralAugment(noise_std=-0.1)
-
-
-def test_blow_up_fills_constant_planes():
-  planes = preprocess.blow_up(np.array([0.25, 7.0], np.float32), 3, 4)
-  assert planes.shape == (3, 4, 2) and planes.dtype == np.float32
-  np.testing.assert_array_equal(planes[..., 0], np.full((3, 4), 0.25))
-  np.testing.assert_array_equal(planes[..., 1], np.full((3, 4), 7.0))
-  assert preprocess.blow_up(0.5, 2, 2).shape == (2, 2, 1)
-  planes[0, 0, 0] = 1.0  # a real array, not a read-only broadcast view
+def test_only_transforms_that_draw_random_numbers_need_a_generator():
+  example = make_example(size=6)
+  plain = transforms.ExampleTransform(modalities=("s2",), labels=(), train=True)
+  assert not plain.uses_rng  # no crop, no augmentation: the pipeline skips making a generator
+  np.testing.assert_array_equal(plain.view(example, None)["inputs"]["s2"],
+                                transforms.normalize(example, ["s2"])["s2"])
+  for options in (dict(flip=True), dict(image_size=4), dict(spectral=transforms.SpectralAugment(noise_std=0.1))):
+    augmenting = transforms.ExampleTransform(modalities=("s2",), labels=(), train=True, **options)
+    assert augmenting.uses_rng
+    with pytest.raises(ValueError, match="generator"):
+      augmenting.view(example, None)

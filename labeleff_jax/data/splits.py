@@ -1,0 +1,217 @@
+"""Finding, preparing and opening the splits of a prepared ben-ge dataset (TFDS array_record, no TensorFlow).
+
+A run needs the prepared TFDS dataset `data.name` under `data.data_dir`. When it is missing, the run
+prepares it from `data.manual_dir` (the extracted folder or the `.tar.gz`); configs with `data.synthetic`
+first write a synthetic ben-ge folder there. Everything else fails with the command that fixes it. A split
+opens as a random-access source (len, [i] -> the raw example dict) that the input pipeline reads.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+BUILDER_NAME = "ben_ge"
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+
+
+def is_synthetic(config) -> bool:
+  """Whether the config asks for synthetic data (written on first use) instead of the downloaded ben-ge."""
+  return bool(config.data.get("synthetic", None))
+
+
+def ensure_prepared(config) -> pathlib.Path:
+  """Returns the prepared dataset directory, preparing it first when needed (process 0 only)."""
+  # Imported here: the builders pull in rasterio and tfds' writer, which plain training never needs.
+  from data_builders.ben_ge import ben_ge as builder_lib  # pylint: disable=g-import-not-at-top
+
+  data_dir = pathlib.Path(config.data.data_dir).expanduser()
+  name = config.data.name
+  prepared = builder_lib.dataset_dir(data_dir, name)
+  if (prepared / "dataset_info.json").exists():
+    return prepared
+  manual_dir = pathlib.Path(config.data.manual_dir).expanduser()
+  if is_synthetic(config) and not (manual_dir / name).exists():
+    from data_builders.ben_ge import synthetic  # pylint: disable=g-import-not-at-top
+    logging.info("writing synthetic %s (%d patches) into %s", name, config.data.synthetic.num_patches,
+                 manual_dir)
+    if jax.process_index() == 0:
+      synthetic.write_dataset(manual_dir, name=name, num_patches=config.data.synthetic.num_patches,
+                              seed=config.data.synthetic.get("seed", 0), workers=min(2, os.cpu_count() or 1))
+  if not ((manual_dir / name).exists() or (manual_dir / f"{name}.tar.gz").exists()):
+    raise FileNotFoundError(
+        f"dataset {name!r} is not prepared under {data_dir} and {manual_dir} holds neither {name}/ nor "
+        f"{name}.tar.gz. Download the archive (see data_builders/ben_ge/README.md) into {manual_dir}, or "
+        f"run: python -m data_builders.ben_ge.build --manual_dir {manual_dir} --data_dir {data_dir} "
+        f"--config {name}")
+  if jax.process_index() == 0:
+    prepared = builder_lib.prepare(manual_dir, data_dir, name)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("ben_ge prepared")
+  return prepared
+
+
+def open_splits(config) -> dict:
+  """Random-access data sources of the train, validation and test splits."""
+  ensure_prepared(config)
+  return {split: open_split(config, split) for split in SPLITS}
+
+
+def _data_dir(config) -> str:
+  data_dir = config.data.get("data_dir", None)
+  if not data_dir:
+    data_dir = os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+  return os.path.expanduser(str(data_dir))
+
+
+def _version_key(name: str) -> tuple:
+  try:
+    return tuple(int(part) for part in name.split("."))
+  except ValueError:
+    return ()
+
+
+def prepared_dataset_dir(config) -> str:
+  """Directory of the newest prepared version of `data.name` under `data.data_dir`; raises if absent."""
+  name = config.data.get("name", None)
+  if not name:
+    raise ValueError("data.name is not set (e.g. 'ben-ge-800').")
+  data_dir = _data_dir(config)
+  dataset_root = os.path.join(data_dir, BUILDER_NAME, name)
+  versions = []
+  if os.path.isdir(dataset_root):
+    for entry in os.listdir(dataset_root):
+      if _version_key(entry) and os.path.isfile(os.path.join(dataset_root, entry, "dataset_info.json")):
+        versions.append(entry)
+  if not versions:
+    manual_dir = config.data.get("manual_dir", None) or "PATH_TO_RAW_BEN_GE"
+    raise FileNotFoundError(
+        f"No prepared dataset '{name}' under {dataset_root} (data.data_dir={data_dir}, data.name={name}). "
+        f"Prepare it with:\n  python -m data_builders.ben_ge.build --manual_dir {manual_dir} "
+        f"--data_dir {data_dir} --config {name}")
+  return os.path.join(dataset_root, max(versions, key=_version_key))
+
+
+def open_split(config, split: str):
+  """A random-access data source (len, [i] -> raw example dict) over one split of the prepared dataset.
+
+  The examples are what TFDS's own data source returns, decoded by `RecordDecoder` where it can.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy, only needed here)
+
+  split = SPLIT_ALIASES.get(split, split)
+  builder = tfds.builder_from_directory(prepared_dataset_dir(config))
+  if split not in builder.info.splits:
+    raise ValueError(f"Split '{split}' not in the prepared dataset; it has {sorted(builder.info.splits)}.")
+  decoder = RecordDecoder.for_features(builder.info.features)
+  if decoder is None:
+    return builder.as_data_source(split=split)
+  records = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  source = DecodedSource(records, decoder)
+  # One example checked against TFDS itself, so that a TFDS release that decodes differently costs speed,
+  # never correctness.
+  if len(source):
+    try:
+      same = _same_example(source[0], builder.info.features.deserialize_example_np(records[0]))
+    except (ValueError, TypeError, KeyError, AttributeError):
+      same = False
+    if not same:
+      logging.warning("open_split: RecordDecoder disagrees with TFDS on split '%s'; using TFDS's decoding.",
+                      split)
+      return builder.as_data_source(split=split)
+  return source
+
+
+class RecordDecoder:
+  """Decodes a serialised example exactly as TFDS does, without TFDS's generic tf.Example parser.
+
+  That parser's generic per-feature Python bookkeeping is a large share of the input pipeline's cost per
+  example (benchmarks/README.md). Each feature the builder writes is one value of the tf.Example (a tensor as raw
+  bytes, a class label, a scalar or a text), which the protobuf parser hands over as it is; tensors become
+  read-only `np.frombuffer` views, as in TFDS.
+  """
+
+  def __init__(self, plan: Sequence[tuple]):
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+
+    self._parse = tf_example_pb2.Example.FromString
+    self._plan = tuple(plan)  # (name, tf.Example list field, value dtype, tensor shape or None)
+
+  def __reduce__(self):  # for worker processes: the parser is rebuilt, not pickled
+    return RecordDecoder, (self._plan,)
+
+  @classmethod
+  def for_features(cls, features) -> RecordDecoder | None:
+    """The decoder of a FeaturesDict, or None if a feature needs TFDS's own decoding."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    serialized = features.get_serialized_info()
+    plan = []
+    for name, feature in features.items():
+      info = serialized.get(name)
+      if not isinstance(info, tfds.features.TensorInfo) or info.shape != () or info.sequence_rank:
+        return None
+      dtype = np.dtype(info.np_dtype)
+      if dtype.kind in "OSU":
+        field = "bytes_list"
+      elif dtype.kind == "f":
+        field = "float_list"
+      elif dtype.kind in "iub" and dtype != np.uint64:  # TFDS bit-casts uint64 through int64
+        field = "int64_list"
+      else:
+        return None
+      if isinstance(feature, (tfds.features.ClassLabel, tfds.features.Scalar)) or (
+          isinstance(feature, tfds.features.Text) and feature.encoder is None):
+        plan.append((name, field, dtype, None))
+      elif (type(feature) is tfds.features.Tensor  # pylint: disable=unidiomatic-typecheck
+            and getattr(feature, "_encoding", None) == tfds.features.Encoding.BYTES
+            and feature.shape and None not in feature.shape):
+        plan.append((name, field, np.dtype(feature.np_dtype), tuple(feature.shape)))
+      else:
+        return None
+    return cls(plan)
+
+  def __call__(self, record: bytes) -> dict:
+    fields = self._parse(record).features.feature
+    example = {}
+    for name, field, dtype, shape in self._plan:
+      value = getattr(fields[name], field).value[0]
+      if shape is not None:
+        example[name] = np.frombuffer(value, dtype).reshape(shape)
+      else:  # TFDS returns np.array([value], dtype).item(): a Python int, float, bool or bytes
+        example[name] = value if dtype.kind == "O" else dtype.type(value).item()
+    return example
+
+
+class DecodedSource:
+  """A random-access source of decoded examples over a source of serialised records."""
+
+  def __init__(self, records, decoder: RecordDecoder):
+    self._records = records
+    self._decoder = decoder
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict:
+    return self._decoder(self._records[index])
+
+
+def _same_example(ours: Mapping, theirs: Mapping) -> bool:
+  """Same keys, and for each the same Python type, dtype and values."""
+  if ours.keys() != theirs.keys():
+    return False
+  for key, value in ours.items():
+    other = theirs[key]
+    if type(value) is not type(other) or np.asarray(value).dtype != np.asarray(other).dtype:
+      return False
+    if not np.array_equal(value, other):
+      return False
+  return True
