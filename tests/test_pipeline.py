@@ -496,13 +496,13 @@ def test_batches_are_aligned_for_zero_copy_device_placement(mesh):
   for leaf in jax.tree.leaves(batch):
     assert leaf.ctypes.data % 64 == 0
   np.testing.assert_array_equal(batch["index"], to_numpy(next(iterator))["index"])
-  # For worker processes the large arrays are stacked straight into grain's shared memory (page-aligned).
-  rows = [{"big": np.full((64, 64, 4), float(i), np.float32), "small": np.int32(i)} for i in range(4)]
-  shared = pipeline.StackRows(shared_memory=True)(rows)
-  assert isinstance(shared["big"], grain.multiprocessing.SharedMemoryArray)
-  assert not isinstance(shared["small"], grain.multiprocessing.SharedMemoryArray)
-  np.testing.assert_array_equal(shared["big"][:, 0, 0, 0], np.arange(4))
-  np.testing.assert_array_equal(shared["small"], np.arange(4))
+  # For worker processes the large arrays are grain's shared memory (page-aligned), the small ones not.
+  template = {"inputs": {"big": np.zeros((64, 64, 4), np.float32)}, "labels": {}, "index": np.int32(0)}
+  shared = pipeline.empty_batch(template, 4, shared_memory=True)
+  assert isinstance(shared["inputs"]["big"], grain.multiprocessing.SharedMemoryArray)
+  assert shared["inputs"]["big"].shape == (4, 64, 64, 4) and shared["labels"] == {}
+  assert not isinstance(shared["index"], grain.multiprocessing.SharedMemoryArray)
+  assert shared["index"].shape == (4,) and shared["index"].dtype == np.int32
 
 
 def test_each_process_builds_only_its_rows_of_the_global_batch():

@@ -7,12 +7,13 @@ Design, in short:
   epoch's permutation, and each example's augmentation draws from a generator seeded by (seed, epoch,
   example index, view). Resuming from a saved step, the number of workers and the number of hosts
   therefore never change what the model sees.
-- Stock grain does the work: a MapDataset over this process's rows of every batch (element j is row
-  j % local_batch of step j // local_batch), mapped through the per-example transform and batched with
-  `.batch`. `data.num_workers` grain worker processes (`mp_prefetch`) make whole batches, stacked straight
-  into grain's shared memory, and hand them over in step order; with 0 workers each batch is made in the
-  caller when asked for. Evaluation passes read ahead with grain threads instead: a pass is short and made
-  anew for every evaluation, and starting processes for it would cost more than they save.
+- Stock grain does the work: a MapDataset of batch indices, mapped to this process's rows of each batch.
+  Every row is transformed straight into the batch's memory (each image is copied once on the host) and
+  the memory is 64-byte aligned, so jax adopts it without a copy. `data.num_workers` grain worker
+  processes (`mp_prefetch`) make whole batches in grain's shared memory and hand them over in step order;
+  with 0 workers each batch is made in the caller when asked for. Evaluation passes read ahead with grain
+  threads instead: a pass is short and made anew for every evaluation, and starting processes for it would
+  cost more than they save.
 - Each process builds only its own rows of the global batch and hands them to
   `jax.make_array_from_process_local_data`, which yields one global array sharded over the mesh's `data`
   axis.
@@ -24,6 +25,7 @@ The batch format is fixed in docs/architecture.md ("Batches").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -209,17 +211,52 @@ def _stats_for(spec: DataSpec, stats: Mapping | None, *, may_compute_from=None) 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Rows and batches. The row makers and the batch function are picklable: grain's worker processes run them.
+# Batches. The row makers are picklable: grain's worker processes run them.
 # ---------------------------------------------------------------------------------------------------------
 def _augment_rng(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:
   return np.random.default_rng([_AUGMENT_TAG, seed, epoch, index, view])
 
 
-class TrainRows:
-  """Element j of this process's training stream: row j % local_batch of step j // local_batch.
+def _aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
+  dtype = np.dtype(dtype)
+  num_bytes = math.prod(shape) * dtype.itemsize
+  memory = np.empty(num_bytes + _HOST_ALIGNMENT, np.uint8)
+  start = -memory.ctypes.data % _HOST_ALIGNMENT
+  return memory[start:start + num_bytes].view(dtype).reshape(shape)
 
-  A pure function of (seed, j): the step picks the epoch and the slice of that epoch's permutation; each
-  example's augmentation draws from a generator seeded by (seed, epoch, example index, view).
+
+def empty_batch(template: Mapping, rows: int, *, shared_memory: bool = False) -> dict:
+  """`rows` rows shaped like `template` (one row), uninitialised and 64-byte aligned, which jax adopts
+  without a copy. With `shared_memory` (in grain's worker processes) the large arrays are grain
+  SharedMemoryArrays instead (page-aligned): grain then hands them to the caller as they are."""
+  def empty(leaf):
+    leaf = np.asarray(leaf)
+    shape = (rows,) + leaf.shape
+    if shared_memory and leaf.nbytes * rows >= _MIN_SHARED_BYTES:
+      return grain.multiprocessing.SharedMemoryArray(shape, leaf.dtype)
+    return _aligned_empty(shape, leaf.dtype)
+  return jax.tree.map(empty, dict(template))
+
+
+def _row(batch: Mapping, row: int) -> dict:
+  return jax.tree.map(lambda array: array[row, ...], batch)  # [row, ...] keeps 0-d rows writable views
+
+
+class _Rows:
+  """Batch k of this process's rows (`__call__`), written row by row straight into fresh batch memory."""
+  shared_memory = False  # set on the copy that grain's worker processes run
+
+  def __call__(self, batch_index: int) -> dict:
+    batch = empty_batch(self.template, self.local_batch_size, shared_memory=self.shared_memory)
+    self.fill(int(batch_index), batch)
+    return batch
+
+
+class TrainRows(_Rows):
+  """This process's rows of training batch `step`: a pure function of (seed, step).
+
+  The step picks the epoch and the slice of that epoch's permutation; each example's augmentation draws
+  from a generator seeded by (seed, epoch, example index, view).
   """
 
   def __init__(self, source, indices: np.ndarray, transform: transforms.ExampleTransform, *, seed: int,
@@ -234,6 +271,7 @@ class TrainRows:
     self.local_batch_size = layout.local_batch_size
     self.steps_per_epoch = steps_per_epoch(len(self.indices), layout.global_batch_size)
     self._orders = {}  # epoch -> order, the last few epochs
+    self.template = _template_row(self, int(self.indices[0]))
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     order = self._orders.get(epoch)
@@ -245,28 +283,33 @@ class TrainRows:
         del self._orders[old]
     return order
 
-  def __call__(self, element: int) -> dict:
-    step, row = divmod(int(element), self.local_batch_size)
-    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-    index = int(self.epoch_order(epoch)[step_in_epoch * self._global_batch_size + self._row_start + row])
-    return self.row(index, epoch)
-
-  def row(self, index: int, epoch: int = 0) -> dict:
-    """The batch row of example `index` in epoch `epoch`."""
+  def row(self, index: int, epoch: int = 0, out: Mapping | None = None) -> dict:
+    """The batch row of example `index` in epoch `epoch` (written into `out` when given)."""
     example = self._source[index]
     random = self._transform.uses_rng
-    result = self._transform.view(example, _augment_rng(self._seed, epoch, index, 0) if random else None)
+    out = out if out is not None else {}
+    result = self._transform.view(example, _augment_rng(self._seed, epoch, index, 0) if random else None,
+                                  out=out or None)
     if self._num_views == 2:
       second = self._transform.view(example, _augment_rng(self._seed, epoch, index, 1) if random else None,
-                                    with_labels=False)
+                                    with_labels=False, out={"inputs": out["inputs2"]} if out else None)
       result["inputs2"] = second["inputs"]
     result["valid"] = np.bool_(True)
     result["index"] = np.int32(index)
     return result
 
+  def fill(self, step: int, out: Mapping) -> None:
+    epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+    first = step_in_epoch * self._global_batch_size + self._row_start
+    ids = self.epoch_order(epoch)[first:first + self.local_batch_size]
+    for row, index in enumerate(ids):
+      self.row(int(index), epoch, out=_row(out, row))
+    out["valid"][...] = True
+    out["index"][...] = ids
 
-class EvalRows:
-  """Element j of this process's share of an evaluation pass: examples in index order, then padding."""
+
+class EvalRows(_Rows):
+  """This process's rows of evaluation batch k: examples in index order, then padding rows."""
 
   def __init__(self, source, transform: transforms.ExampleTransform, *, layout: sharding.BatchLayout):
     self._source = source
@@ -275,61 +318,38 @@ class EvalRows:
     self._row_start = layout.row_start
     self.local_batch_size = layout.local_batch_size
     self.num_examples = len(source)
-    # Padding rows hold zeros (and the ignore value in the mask): the model runs on them, and `valid`
-    # keeps them out of every metric.
-    self._padding = jax.tree.map(np.zeros_like, _template_row(self, 0))
-    if "lulc" in self._padding["labels"]:
-      self._padding["labels"]["lulc"][...] = constants.LULC_IGNORE
-    self._padding["index"] = np.int32(-1)
+    self.template = _template_row(self, 0)
 
-  def __call__(self, element: int) -> dict:
-    batch, row = divmod(int(element), self.local_batch_size)
-    position = batch * self._global_batch_size + self._row_start + row
-    return self.row(position) if position < self.num_examples else self._padding
-
-  def row(self, position: int) -> dict:
-    """The batch row of example `position`."""
-    result = self._transform.view(self._source[position], None)
+  def row(self, position: int, out: Mapping | None = None) -> dict:
+    """The batch row of example `position` (written into `out` when given)."""
+    result = self._transform.view(self._source[position], None, out=out)
     result["valid"] = np.bool_(True)
     result["index"] = np.int32(position)
     return result
 
-
-def _aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
-  dtype = np.dtype(dtype)
-  num_bytes = math.prod(shape) * dtype.itemsize
-  memory = np.empty(num_bytes + _HOST_ALIGNMENT, np.uint8)
-  start = -memory.ctypes.data % _HOST_ALIGNMENT
-  return memory[start:start + num_bytes].view(dtype).reshape(shape)
-
-
-class StackRows:
-  """grain's `batch_fn`: stacks rows into 64-byte-aligned arrays, which jax adopts without a copy.
-
-  With `shared_memory` (for grain worker processes) the large arrays are grain SharedMemoryArrays instead
-  (page-aligned): grain then hands them to the caller as they are, with no copy on either side.
-  """
-
-  def __init__(self, shared_memory: bool = False):
-    self.shared_memory = shared_memory
-
-  def _stack(self, *values) -> np.ndarray:
-    first = np.asarray(values[0])
-    shape = (len(values),) + first.shape
-    if self.shared_memory and first.nbytes * len(values) >= _MIN_SHARED_BYTES:
-      out = grain.multiprocessing.SharedMemoryArray(shape, first.dtype)
-    else:
-      out = _aligned_empty(shape, first.dtype)
-    return np.stack(values, out=out)
-
-  def __call__(self, rows: Sequence[Mapping]) -> dict:
-    return jax.tree.map(self._stack, *rows)
+  def fill(self, batch_index: int, out: Mapping) -> None:
+    first = batch_index * self._global_batch_size + self._row_start
+    positions = np.arange(first, first + self.local_batch_size)
+    for row, position in enumerate(positions):
+      target = _row(out, row)
+      if position < self.num_examples:
+        self.row(int(position), out=target)
+      else:
+        # Padding rows hold zeros (and the ignore value in the mask): the model runs on them, and `valid`
+        # keeps them out of every metric.
+        for array in jax.tree.leaves(target):
+          array[...] = 0
+        if "lulc" in target["labels"]:
+          target["labels"]["lulc"][...] = constants.LULC_IGNORE
+    valid = positions < self.num_examples
+    out["valid"][...] = valid
+    out["index"][...] = np.where(valid, positions, -1)
 
 
 def _template_row(rows: TrainRows | EvalRows, index: int) -> dict:
-  """Row `index`, made up front in the caller: it shows what every row of the stream holds (padding rows
-  copy it), and a missing feature or an image_size that does not fit the stored rasters fails here, with
-  its message, rather than later in a worker."""
+  """Row `index`, made up front in the caller: its arrays fix the shapes and dtypes of the batch memory,
+  and a missing feature or an image_size that does not fit the stored rasters fails here, with its
+  message, rather than later in a worker."""
   return rows.row(index)
 
 
@@ -345,7 +365,7 @@ def _allow_grain_worker_processes() -> None:
     flag.present = 1
 
 
-def _check_picklable(rows) -> None:
+def _check_picklable(rows: _Rows) -> None:
   import cloudpickle  # pylint: disable=g-import-not-at-top  (grain's own serialiser for its workers)
   try:
     cloudpickle.dumps(rows)
@@ -354,23 +374,23 @@ def _check_picklable(rows) -> None:
                     f"picklable data source; this one is not ({error}). Use data.num_workers=0.") from error
 
 
-def _batches(rows, first: int, stop: int, *, num_workers: int, prefetch: int, processes: bool):
-  """An iterator over batches first..stop-1 of `rows` (numpy, this process's rows), made by grain.
+def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: int,
+            processes: bool):
+  """A grain iterator over batches first..stop-1 (numpy, this process's rows).
 
-  `processes`: read ahead by `num_workers` worker processes, else by that many threads.
+  `processes`: read ahead by `num_workers` grain worker processes, else by that many threads.
   """
-  local = rows.local_batch_size
-  dataset = (grain.MapDataset.range(first * local, stop * local)
-             .map(rows)
-             .batch(local, drop_remainder=True, batch_fn=StackRows(shared_memory=processes and num_workers > 0)))
+  dataset = grain.MapDataset.range(first, stop)
   if num_workers == 0:
-    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    return iter(dataset.map(rows).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
   if not processes:
-    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_workers,
-                                                          prefetch_buffer_size=max(prefetch, num_workers))))
+    return iter(dataset.map(rows).to_iter_dataset(
+        grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=max(prefetch, num_workers))))
   _allow_grain_worker_processes()
-  # Each worker makes whole batches, synchronously; grain hands them over in order.
-  stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  in_shared_memory = copy.copy(rows)
+  in_shared_memory.shared_memory = True
+  # Each worker makes whole batches, one at a time; grain hands them over in order.
+  stream = dataset.map(in_shared_memory).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   stream = grain.experimental.WithOptionsIterDataset(
       stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_BYTES))
   return iter(stream.mp_prefetch(grain.MultiprocessingOptions(
@@ -396,7 +416,6 @@ class TrainIterator(grain.DatasetIterator):
     super().__init__()
     self._stream = None
     self._rows = TrainRows(source, indices, transform, seed=seed, num_views=num_views, layout=layout)
-    _template_row(self._rows, int(self._rows.indices[0]))
     if num_workers:
       _check_picklable(self._rows)
     self._layout = layout
@@ -434,8 +453,7 @@ class TrainIterator(grain.DatasetIterator):
 
   def host_batch(self, step: int) -> dict:
     """This process's rows of batch `step` as numpy arrays, made in the caller (a pure function of step)."""
-    local = self._rows.local_batch_size
-    return StackRows()([self._rows(element) for element in range(step * local, (step + 1) * local)])
+    return self._rows(step)
 
   def start_prefetch(self) -> None:
     """Starts the worker processes (if any) now rather than at the first batch."""
@@ -447,7 +465,7 @@ class TrainIterator(grain.DatasetIterator):
                          "pipeline); make a new one.")
     if self._stream is None:
       num_workers, prefetch = self._workers
-      self._stream = _batches(self._rows, self._step, _MAX_STEPS, num_workers=num_workers,
+      self._stream = _stream(self._rows, self._step, _MAX_STEPS, num_workers=num_workers,
                               prefetch=prefetch, processes=True)
     return self._stream
 
@@ -537,7 +555,7 @@ class EvalBatches:
     self._layout = layout
     self.num_examples = len(source)
     self.num_batches = num_eval_batches(self.num_examples, layout.global_batch_size)
-    self._stream = _batches(self._rows, 0, self.num_batches, num_workers=num_workers, prefetch=prefetch,
+    self._stream = _stream(self._rows, 0, self.num_batches, num_workers=num_workers, prefetch=prefetch,
                             processes=False)
 
   def __len__(self) -> int:

@@ -80,13 +80,28 @@ def prepare_stats(stats: Mapping | None) -> dict | None:
   return prepared
 
 
-def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None = None) -> dict:
+def _destination(out: Mapping | None, name: str, shape: tuple) -> np.ndarray:
+  """Where modality `name` is written: a fresh array, or the caller's (e.g. a row of a batch buffer)."""
+  if out is None:
+    return np.empty(shape, np.float32)
+  target = out[name]
+  if target.shape != tuple(shape):
+    raise ValueError(f"Output buffer for '{name}' has shape {target.shape}, the example gives "
+                     f"{tuple(shape)}.")
+  return target
+
+
+def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None = None,
+              out: Mapping | None = None) -> dict:
   """Returns the float32 input arrays of `modalities` for one raw example.
 
   Without `stats` (or for a modality missing from it) the reference's fixed scaling applies: s2
   clip(x / 1e4, 0, 1), s1 (clip(x, -25, 0) + 25) / 25, dem x / 1000, era5 (x - offset) / scale. A modality
   in `stats` (see `compute_normalization_stats`) is standardised per band instead. lulc becomes a one-hot
   [H, W, 11] (all zeros where no data), climatezone a one-hot [12], season a [1] vector of season_s2.
+
+  With `out` (a dict of float32 arrays of the right shapes), results are written there and `out` returned:
+  the pipeline passes rows of its batch buffers, so each image is converted once, straight into the batch.
   """
   if stats is not None and not all("inv_std" in entry for entry in stats.values()):
     stats = prepare_stats(stats)
@@ -98,35 +113,37 @@ def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None
     else:
       raw = np.asarray(_feature(example, name))
     if name in stats:
-      target = np.empty(raw.shape, np.float32)
+      target = _destination(out, name, raw.shape)
       np.subtract(raw, stats[name]["mean"], out=target, dtype=np.float32)
       target *= stats[name]["inv_std"]
     elif name == "s2":
       # One fused pass from uint16 into float32, then an in-place clip: no temporary copies.
-      target = np.empty(raw.shape, np.float32)
+      target = _destination(out, name, raw.shape)
       np.multiply(raw, np.float32(1.0 / constants.S2_SCALE), out=target, dtype=np.float32)
       np.clip(target, 0.0, 1.0, out=target)
     elif name == "s1":
-      target = np.empty(raw.shape, np.float32)
+      target = _destination(out, name, raw.shape)
       np.clip(raw, _S1_LOW, _S1_HIGH, out=target, dtype=np.float32)
       target -= np.float32(_S1_LOW)
       target *= np.float32(1.0 / _S1_RANGE)
     elif name == "dem":
-      target = np.empty(raw.shape, np.float32)
+      target = _destination(out, name, raw.shape)
       np.multiply(raw, np.float32(1.0 / constants.DEM_SCALE_M), out=target, dtype=np.float32)
     elif name == "era5":
-      target = np.empty(raw.shape, np.float32)
+      target = _destination(out, name, raw.shape)
       np.subtract(raw, constants.ERA5_OFFSET, out=target, dtype=np.float32)
       target /= constants.ERA5_SCALE
     elif name == "lulc":
-      target = np.empty(raw.shape + (constants.NUM_LULC_CLASSES,), np.float32)
+      target = _destination(out, name, raw.shape + (constants.NUM_LULC_CLASSES,))
       # mode='clip' skips the buffered bounds check; uint8 codes always index the 256-row table.
       np.take(_LULC_ONE_HOT, raw.astype(np.uint8, copy=False), axis=0, out=target, mode="clip")
     elif name == "season":
-      target = np.array([_feature(example, "season_s2")], np.float32)
+      target = _destination(out, name, (1,))
+      target[0] = np.float32(_feature(example, "season_s2"))
     elif name == "climatezone":
       zone = _class_index(_feature(example, "climatezone"), constants.NUM_CLIMATE_ZONES, "climatezone")
-      target = np.zeros(constants.NUM_CLIMATE_ZONES, np.float32)
+      target = _destination(out, name, (constants.NUM_CLIMATE_ZONES,))
+      target[...] = 0.0
       target[zone] = 1.0
     else:
       raise ValueError(f"Unknown modality '{name}'; known: {sorted(constants.MODALITIES)}.")
@@ -388,8 +405,13 @@ class ExampleTransform:
     """Whether `view` draws random numbers (a random crop, a flip or turn, spectral jitter)."""
     return self.train and (self.image_size is not None or self.flip or self.rot90 or self.spectral.active)
 
-  def view(self, example: Mapping, rng: np.random.Generator | None, with_labels: bool = True) -> dict:
-    """Returns {'inputs': ..., 'labels': ...} for one augmented view of `example` (fresh arrays)."""
+  def view(self, example: Mapping, rng: np.random.Generator | None, with_labels: bool = True,
+           out: Mapping | None = None) -> dict:
+    """Returns {'inputs': ..., 'labels': ...} for one augmented view of `example`.
+
+    With `out` (same structure, arrays of the right shapes: a row of a batch) the view is written there
+    instead of into fresh arrays, so that each image is copied once on its way into the batch.
+    """
     if self.uses_rng and rng is None:
       raise ValueError("This training transform draws random numbers: it needs a generator.")
     rasters = {name: _feature(example, name) for name in self.raster_features}
@@ -404,10 +426,15 @@ class ExampleTransform:
     if self.train and (self.flip or self.rot90):
       rasters = random_dihedral(rasters, rng, flip=self.flip, rot90=self.rot90)
     transformed = {**example, **rasters}
-    inputs = normalize(transformed, self.modalities, self.stats)
+    inputs = normalize(transformed, self.modalities, self.stats, out=None if out is None else out["inputs"])
     if self.train and self.spectral.active:
       inputs = spectral_augment(inputs, rng, self.spectral, in_place=True)
     result = {"inputs": inputs}
     if with_labels:
-      result["labels"] = make_labels(transformed, self.labels, self.multilabel_threshold)
+      labels = make_labels(transformed, self.labels, self.multilabel_threshold)
+      if out is not None:
+        for name, value in labels.items():
+          out["labels"][name][...] = value
+        labels = out["labels"]
+      result["labels"] = labels
     return result
