@@ -15,8 +15,9 @@ What it measures (one JSON object on stdout and in --out; benchmarks/README.md e
    worker processes), every batch device arrays on a mesh of the CPU devices (block_until_ready). No
    augmentation, as in the reference: the same work. `pipeline_augmented`: the same with training's random
    flips and rotations. `pipeline_host_batches`: `pipeline` as it was before grain's worker processes
-   replaced host_batches (labeleff_jax/data/legacy_pipeline.py). They take turns window by window, so they
-   share the machine's load.
+   replaced host_batches (labeleff_jax/data/legacy_pipeline.py). `pipeline_threads` (workers > 0):
+   `pipeline`'s batches read ahead by grain threads instead of processes. They take turns window by window,
+   so they share the machine's load.
 3. `speedup`: pipeline / reference in samples/s (wall) and in CPU time per sample, per worker count;
    `goal`: whether `pipeline` reaches goal_speedup(workers) in samples/s at every worker count.
 4. `writer_options_variants`: the same records re-encoded with other array_record writer options
@@ -380,6 +381,33 @@ def pipeline_loader(name: str, data_dir: pathlib.Path, workers: int, args, *, au
                settle=lambda: _wait_until_idle(workers_pids), close=iterator.close)
 
 
+def threads_loader(name: str, data_dir: pathlib.Path, workers: int, args) -> Timed:
+  """`pipeline`'s batches (pipeline.TrainRows) read ahead by grain threads instead of worker processes."""
+  import grain  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (kept out of the spawned reference workers)
+  from labeleff_jax import sharding  # pylint: disable=g-import-not-at-top
+  from labeleff_jax.data import pipeline, splits  # pylint: disable=g-import-not-at-top
+  config = _pipeline_config(data_dir, 0, augment=False)
+  mesh = jax.make_mesh((jax.device_count(),), (sharding.DATA_AXIS,))
+  spec = pipeline.DataSpec.from_config(config, labels=LABELS)
+  source = splits.open_split(config, "train")
+  layout = sharding.batch_layout(mesh, BATCH_SIZE, "train.batch_size")
+  rows = pipeline.TrainRows(source, np.arange(len(source)), pipeline.make_transform(spec, train=True),
+                            seed=spec.seed, num_views=1, layout=layout)
+  read_ahead = max(2, workers)
+  stream = iter(grain.MapDataset.range(0, 2**40).map(rows).to_iter_dataset(
+      grain.ReadOptions(num_threads=workers, prefetch_buffer_size=read_ahead)))
+
+  def next_batch():
+    return jax.block_until_ready(layout.to_global(next(stream)))["valid"].shape[0]
+
+  # grain's threads cannot be asked whether they are done: wait as long as they take (~30 ms per batch
+  # here), generously.
+  return Timed(name=name, next_batch=next_batch, cpu_seconds=time.process_time, read_ahead=read_ahead + workers,
+               batches_per_window=args.pipeline_batches, settle=lambda: time.sleep(0.25 * read_ahead),
+               close=stream.close)
+
+
 def host_batches_loader(name: str, data_dir: pathlib.Path, workers: int, args) -> Timed:
   """The previous pipeline (labeleff_jax/data/legacy_pipeline.py: host_batches worker processes)."""
   import jax  # pylint: disable=g-import-not-at-top  (kept out of the spawned reference workers)
@@ -652,7 +680,8 @@ def main(argv=None) -> dict:
 
   # Every worker count: the reference, the pipeline doing the same work, and the pipeline with the random
   # flips and rotations of training (which the reference does not do), timed window by window in turn.
-  for key in ("reference", "pipeline", "pipeline_augmented", "pipeline_host_batches", "speedup"):
+  for key in ("reference", "pipeline", "pipeline_augmented", "pipeline_host_batches", "pipeline_threads",
+              "speedup"):
     result[key] = {}
   for workers in worker_counts:
     print(f"reference loader and pipelines, {workers} workers ...", file=sys.stderr, flush=True)
@@ -661,10 +690,12 @@ def main(argv=None) -> dict:
         lambda: pipeline_loader("pipeline", data_dir, workers, args, augment=False),
         lambda: pipeline_loader("pipeline_augmented", data_dir, workers, args, augment=True),
         lambda: host_batches_loader("pipeline_host_batches", data_dir, workers, args)]
+    if workers:
+      loaders.append(lambda: threads_loader("pipeline_threads", data_dir, workers, args))
     measured = run_interleaved(loaders, args)
     for name, entry in measured.items():
-      result[name][str(workers)] = {"workers": workers, "worker_kind": "processes" if workers else "caller",
-                                    **entry}
+      kind = "threads" if name == "pipeline_threads" else "processes"
+      result[name][str(workers)] = {"workers": workers, "worker_kind": kind if workers else "caller", **entry}
     result["speedup"][str(workers)] = {name: _speedup(measured["reference"], measured[name])
                                        for name in measured if name != "reference"}
   goals = {str(workers): goal_speedup(workers) for workers in worker_counts}
