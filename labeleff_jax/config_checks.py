@@ -123,7 +123,8 @@ def check_data(config) -> None:
       raise ConfigError(f"data.augment.{key} must be True or False, got {augment[key]!r}")
   for key in ("brightness", "contrast", "noise_std", "blur_prob"):
     value = augment.get(key, 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        or value < 0):
       raise ConfigError(f"data.augment.{key} must be a finite number >= 0, got {value!r}")
   for key in ("contrast", "blur_prob"):  # contrast factors stay positive; a probability
     if augment.get(key, 0.0) > 1:

@@ -202,9 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     result, first = evaluate(eval_step, state, rng_state, batches, objective)
     if probe_label:
       embed = lambda batch: embed_step(state, rng_state, batch)  # noqa: E731
+      labelled = pipeline.select_indices(data_spec, sources["train"], "labelled")
       bank = probe.collect_features(embed, pipeline.make_eval_batches(
-          data_spec, sources["train"], mesh, stats=stats), probe_label,
-                                    keep_indices=pipeline.select_indices(data_spec, sources["train"], "labelled"))
+          data_spec, sources["train"], mesh, stats=stats), probe_label, keep_indices=labelled)
       query = probe.collect_features(embed, pipeline.make_eval_batches(
           data_spec, sources[split], mesh, stats=stats), probe_label)
       result["probe/knn_accuracy"] = probe.knn_accuracy(*bank, *query, k=config.probe.get("k", 20),

@@ -1,4 +1,4 @@
-"""Tests of the grain input pipeline: shuffling, determinism, resume, complete evaluation, sharding, workers."""
+"""Tests of the input pipeline: shuffling, determinism, resume, complete evaluation, sharding, workers."""
 
 import json
 import multiprocessing
@@ -291,7 +291,8 @@ def test_label_fraction_selects_the_nested_stratified_subset(mesh):
   assert set(unlabelled) == set(range(40)) - set(iterator.indices)
   seen = np.concatenate([b["index"] for b in take(iterator, iterator.steps_per_epoch)])
   assert set(seen) <= set(iterator.indices)
-  everything = train_iterator(config, source, mesh, indices=pipeline.select_indices(spec_of(config), source, "all"))
+  everything = train_iterator(config, source, mesh,
+                              indices=pipeline.select_indices(spec_of(config), source, "all"))
   assert everything.num_examples == 40
 
 
@@ -350,8 +351,10 @@ def test_configuration_errors_name_the_key(mesh):
       ("augment", ml_collections.ConfigDict(dict(blur_prob=1.5)), "data.augment.blur_prob=1.5"),
       ("augment", ml_collections.ConfigDict(dict(flip="yes")), "data.augment.flip"),
       ("image_size", 121, "data.image_size=121"), ("label_fraction", 0.0, "data.label_fraction=0.0"),
-      ("label_fraction_seed", 0.5, "data.label_fraction_seed"), ("stratify_by", "lulc", "data.stratify_by='lulc'"),
-      ("multilabel_threshold", 1.0, "data.multilabel_threshold=1.0"), ("num_workers", -1, "data.num_workers=-1"),
+      ("label_fraction_seed", 0.5, "data.label_fraction_seed"),
+      ("stratify_by", "lulc", "data.stratify_by='lulc'"),
+      ("multilabel_threshold", 1.0, "data.multilabel_threshold=1.0"),
+      ("num_workers", -1, "data.num_workers=-1"),
       ("prefetch", 1.5, "data.prefetch")]:
     with pytest.raises(config_checks.ConfigError, match=message):
       spec_of(make_config(**{key: value}))
@@ -465,7 +468,8 @@ def test_record_decoder_matches_tfds_on_every_feature_kind_it_accepts():
       "flag": tfds.features.Scalar(dtype=np.bool_),
       "name": tfds.features.Text(),
   })
-  example = {"image": np.arange(12, dtype=np.uint16).reshape(3, 2, 2), "vector": np.float32([0.1, -2, 3e9, 0]),
+  example = {"image": np.arange(12, dtype=np.uint16).reshape(3, 2, 2),
+             "vector": np.float32([0.1, -2, 3e9, 0]),
              "label": 3, "value": np.float32(0.3), "count": -7, "flag": True, "name": "S2A_patch"}
   record = example_serializer.ExampleSerializer(features.get_serialized_info()).serialize_example(
       features.encode_example(example))

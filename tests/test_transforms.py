@@ -260,7 +260,8 @@ def test_only_transforms_that_draw_random_numbers_need_a_generator():
   assert not plain.uses_rng  # no crop, no augmentation: the pipeline skips making a generator
   np.testing.assert_array_equal(plain.view(example, None)["inputs"]["s2"],
                                 transforms.normalize(example, ["s2"])["s2"])
-  for options in (dict(flip=True), dict(image_size=4), dict(spectral=transforms.SpectralAugment(noise_std=0.1))):
+  spectral = transforms.SpectralAugment(noise_std=0.1)
+  for options in (dict(flip=True), dict(image_size=4), dict(spectral=spectral)):
     augmenting = transforms.ExampleTransform(modalities=("s2",), labels=(), train=True, **options)
     assert augmenting.uses_rng
     with pytest.raises(ValueError, match="generator"):

@@ -284,16 +284,15 @@ class TrainRows(_Rows):
     return order
 
   def row(self, index: int, epoch: int = 0, out: Mapping | None = None) -> dict:
-    """The batch row of example `index` in epoch `epoch` (written into `out` when given)."""
+    """The batch row of example `index` in epoch `epoch` (written into `out`, a row of a batch, if given)."""
     example = self._source[index]
-    random = self._transform.uses_rng
-    out = out if out is not None else {}
-    result = self._transform.view(example, _augment_rng(self._seed, epoch, index, 0) if random else None,
-                                  out=out or None)
+
+    def rng(view):
+      return _augment_rng(self._seed, epoch, index, view) if self._transform.uses_rng else None
+    result = self._transform.view(example, rng(0), out=out)
     if self._num_views == 2:
-      second = self._transform.view(example, _augment_rng(self._seed, epoch, index, 1) if random else None,
-                                    with_labels=False, out={"inputs": out["inputs2"]} if out else None)
-      result["inputs2"] = second["inputs"]
+      second = None if out is None else {"inputs": out["inputs2"]}
+      result["inputs2"] = self._transform.view(example, rng(1), with_labels=False, out=second)["inputs"]
     result["valid"] = np.bool_(True)
     result["index"] = np.int32(index)
     return result
@@ -374,8 +373,7 @@ def _check_picklable(rows: _Rows) -> None:
                     f"picklable data source; this one is not ({error}). Use data.num_workers=0.") from error
 
 
-def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: int,
-            processes: bool):
+def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: int, processes: bool):
   """A grain iterator over batches first..stop-1 (numpy, this process's rows).
 
   `processes`: read ahead by `num_workers` grain worker processes, else by that many threads.
@@ -390,7 +388,8 @@ def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: i
   in_shared_memory = copy.copy(rows)
   in_shared_memory.shared_memory = True
   # Each worker makes whole batches, one at a time; grain hands them over in order.
-  stream = dataset.map(in_shared_memory).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  stream = dataset.map(in_shared_memory).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   stream = grain.experimental.WithOptionsIterDataset(
       stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_BYTES))
   return iter(stream.mp_prefetch(grain.MultiprocessingOptions(
