@@ -1,4 +1,4 @@
-"""Benchmark: the grain pipeline over the prepared dataset vs a per-sample GeoTIFF loader like the reference's.
+"""Benchmark: the input pipeline vs a per-sample GeoTIFF loader like the reference's, and the builder.
 
     python benchmarks/input_pipeline.py [--data_root /tmp/labeleff-bench] [--workers 0,2] [--repeats 7]
         [--builder_sizes 800,8000] [--writer_options_variants "group_size:1;group_size:1,snappy"]
@@ -14,10 +14,8 @@ What it measures (one JSON object on stdout and in --out; benchmarks/README.md e
    modalities (s2, s1, dem, lulc: a one-hot input here) and batch 32, the same number of workers (grain's
    worker processes), every batch device arrays on a mesh of the CPU devices (block_until_ready). No
    augmentation, as in the reference: the same work. `pipeline_augmented`: the same with training's random
-   flips and rotations. `pipeline_host_batches`: `pipeline` as it was before grain's worker processes
-   replaced host_batches (labeleff_jax/data/legacy_pipeline.py). `pipeline_threads` (workers > 0):
-   `pipeline`'s batches read ahead by grain threads instead of processes. They take turns window by window,
-   so they share the machine's load.
+   flips and rotations. `pipeline_threads` (workers > 0): `pipeline`'s batches read ahead by grain threads
+   instead of processes. They take turns window by window, so they share the machine's load.
 3. `speedup`: pipeline / reference in samples/s (wall) and in CPU time per sample, per worker count;
    `goal`: whether `pipeline` reaches goal_speedup(workers) in samples/s at every worker count.
 4. `writer_options_variants`: the same records re-encoded with other array_record writer options
@@ -403,29 +401,9 @@ def threads_loader(name: str, data_dir: pathlib.Path, workers: int, args) -> Tim
 
   # grain's threads cannot be asked whether they are done: wait as long as they take (~30 ms per batch
   # here), generously.
-  return Timed(name=name, next_batch=next_batch, cpu_seconds=time.process_time, read_ahead=read_ahead + workers,
-               batches_per_window=args.pipeline_batches, settle=lambda: time.sleep(0.25 * read_ahead),
-               close=stream.close)
-
-
-def host_batches_loader(name: str, data_dir: pathlib.Path, workers: int, args) -> Timed:
-  """The previous pipeline (labeleff_jax/data/legacy_pipeline.py: host_batches worker processes)."""
-  import jax  # pylint: disable=g-import-not-at-top  (kept out of the spawned reference workers)
-  from labeleff_jax import sharding  # pylint: disable=g-import-not-at-top
-  from labeleff_jax.data import legacy_pipeline  # pylint: disable=g-import-not-at-top
-  config = _pipeline_config(data_dir, workers, augment=False)
-  config.data.worker_type = "process"
-  mesh = jax.make_mesh((jax.device_count(),), (sharding.DATA_AXIS,))
-  iterator = legacy_pipeline.make_train_iterator(config, legacy_pipeline.open_split(config, "train"), mesh,
-                                                 labels=list(LABELS))
-
-  def next_batch():
-    return jax.block_until_ready(next(iterator))["valid"].shape[0]
-
-  return Timed(name=name, next_batch=next_batch,
-               cpu_seconds=lambda: time.process_time() + iterator.worker_cpu_seconds,
-               read_ahead=max(2, workers) if workers else 0, batches_per_window=args.pipeline_batches,
-               settle=iterator.wait_until_idle, close=iterator.close)
+  return Timed(name=name, next_batch=next_batch, cpu_seconds=time.process_time,
+               read_ahead=read_ahead + workers, batches_per_window=args.pipeline_batches,
+               settle=lambda: time.sleep(0.25 * read_ahead), close=stream.close)
 
 
 def run_interleaved(make_loaders: list, args) -> dict:
@@ -663,7 +641,8 @@ def main(argv=None) -> dict:
   worker_counts = _int_list(args.workers)
   result = {
       "benchmark": "input_pipeline",
-      "command": " ".join(["python", "benchmarks/input_pipeline.py", *(sys.argv[1:] if argv is None else argv)]),
+      "command": " ".join(["python", "benchmarks/input_pipeline.py",
+                           *(sys.argv[1:] if argv is None else argv)]),
       "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "git": _git(), "machine": _machine(),
       "settings": {"batch_size": BATCH_SIZE, "workers": worker_counts, "repeats": args.repeats,
@@ -680,16 +659,14 @@ def main(argv=None) -> dict:
 
   # Every worker count: the reference, the pipeline doing the same work, and the pipeline with the random
   # flips and rotations of training (which the reference does not do), timed window by window in turn.
-  for key in ("reference", "pipeline", "pipeline_augmented", "pipeline_host_batches", "pipeline_threads",
-              "speedup"):
+  for key in ("reference", "pipeline", "pipeline_augmented", "pipeline_threads", "speedup"):
     result[key] = {}
   for workers in worker_counts:
     print(f"reference loader and pipelines, {workers} workers ...", file=sys.stderr, flush=True)
     loaders = [
         lambda: reference_loader(raw_folder, workers, args),
         lambda: pipeline_loader("pipeline", data_dir, workers, args, augment=False),
-        lambda: pipeline_loader("pipeline_augmented", data_dir, workers, args, augment=True),
-        lambda: host_batches_loader("pipeline_host_batches", data_dir, workers, args)]
+        lambda: pipeline_loader("pipeline_augmented", data_dir, workers, args, augment=True)]
     if workers:
       loaders.append(lambda: threads_loader("pipeline_threads", data_dir, workers, args))
     measured = run_interleaved(loaders, args)
