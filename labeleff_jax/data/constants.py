@@ -143,12 +143,14 @@ class Label:
 
 
 LABELS = {
-    "climatezone": Label("classification", NUM_CLIMATE_ZONES, "climatezone", "int32 [] climate-zone class 0..11"),
+    "climatezone": Label("classification", NUM_CLIMATE_ZONES, "climatezone",
+                         "int32 [] climate-zone class 0..11"),
     "lulc_top": Label("classification", NUM_LULC_CLASSES, "lulc", "int32 [] dominant land-cover class 0..10"),
     "geocluster": Label("classification", NUM_GEOCLUSTERS, None, "int32 [] geographic cluster 0..19"),
     "lulc_multihot": Label("multilabel", NUM_LULC_CLASSES, "lulc",
                            "float32 [11] land-cover classes whose fraction exceeds the threshold"),
-    "lulc": Label("segmentation", NUM_LULC_CLASSES, "lulc", "int32 [H, W] land-cover class per pixel, 255 = ignore"),
+    "lulc": Label("segmentation", NUM_LULC_CLASSES, "lulc",
+                  "int32 [H, W] land-cover class per pixel, 255 = ignore"),
     "season": Label("regression", 1, "season", "float32 [] season_s2"),
 }
 

@@ -11,9 +11,11 @@ Design, in short:
   Every row is transformed straight into the batch's memory (each image is copied once on the host) and
   the memory is 64-byte aligned, so jax adopts it without a copy. `data.num_workers` grain worker
   processes (`mp_prefetch`) make whole batches in grain's shared memory and hand them over in step order;
-  with 0 workers each batch is made in the caller when asked for. Evaluation passes read ahead with grain
-  threads instead: a pass is short and made anew for every evaluation, and starting processes for it would
-  cost more than they save.
+  with 0 workers each batch is made in the caller when asked for. Processes, because much of the
+  per-example work holds the GIL; each batch's fresh shared memory costs them kernel time, so on a 2-core
+  machine they may make fewer batches than the caller alone (benchmarks/README.md). Evaluation passes read
+  ahead with grain threads instead: a pass is short and made anew for every evaluation, and starting
+  processes for it would cost more than they save.
 - Each process builds only its own rows of the global batch and hands them to
   `jax.make_array_from_process_local_data`, which yields one global array sharded over the mesh's `data`
   axis.
@@ -133,7 +135,8 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
 
-def make_transform(spec: DataSpec, *, train: bool, stats: Mapping | None = None) -> transforms.ExampleTransform:
+def make_transform(spec: DataSpec, *, train: bool,
+                   stats: Mapping | None = None) -> transforms.ExampleTransform:
   """The per-example transform of `spec` (augmentation only when `train`)."""
   return transforms.ExampleTransform(
       modalities=spec.modalities, labels=spec.labels, stats=transforms.prepare_stats(stats),

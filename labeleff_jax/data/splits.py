@@ -133,9 +133,9 @@ class RecordDecoder:
   """Decodes a serialised example exactly as TFDS does, without TFDS's generic tf.Example parser.
 
   That parser's generic per-feature Python bookkeeping is a large share of the input pipeline's cost per
-  example (benchmarks/README.md). Each feature the builder writes is one value of the tf.Example (a tensor as raw
-  bytes, a class label, a scalar or a text), which the protobuf parser hands over as it is; tensors become
-  read-only `np.frombuffer` views, as in TFDS.
+  example (benchmarks/README.md). Each feature the builder writes is one value of the tf.Example (a tensor
+  as raw bytes, a class label, a scalar or a text), which the protobuf parser hands over as it is; tensors
+  become read-only `np.frombuffer` views, as in TFDS.
   """
 
   def __init__(self, plan: Sequence[tuple]):
