@@ -14,7 +14,7 @@ from configs import sweep_label_fraction
 from labeleff_jax import experiments
 from labeleff_jax import transfer
 from labeleff_jax.data import label_fraction
-from labeleff_jax.data import pipeline
+from labeleff_jax.data import splits
 from labeleff_jax.experiments import label_fraction_sweep
 from labeleff_jax.experiments import modality_ablation
 from labeleff_jax.experiments import runner
@@ -121,7 +121,7 @@ def test_label_fraction_sweep_tiny_is_complete_and_resumes(data_dirs, tmp_path):
   assert (tmp_path / "lulc_top_accuracy_vs_fraction.png").is_file()
 
   # All methods of one fraction trained on the same labelled subset, which an independent selection gives.
-  source = pipeline.open_split(_with_data(runner.clone(config.downstream), data_dirs), "train")
+  source = splits.open_split(_with_data(runner.clone(config.downstream), data_dirs), "train")
   labels = np.array([int(source[i]["lulc_top"]) for i in range(len(source))])
   for fraction in (0.5, 1.0):
     expected = len(label_fraction.label_fraction_indices(labels, fraction, 0))
