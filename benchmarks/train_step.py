@@ -354,14 +354,16 @@ def main():
     parser.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)}")
   conv_impls = args.conv_impls.split(",")
   # (warm-up, timed) steps by (batch, dtype): enough timed steps at batch 8 float32 to average over the
-  # step-to-step spread; fewer where a step takes many seconds.
-  schedule = {(8, "float32"): (2, 20), (8, "bfloat16"): (1, 5)}
+  # step-to-step spread; fewer where a step takes many seconds. Two warm-up steps everywhere: a caching
+  # allocator grows its heap during the first steps (a batch-32 JAX step under tcmalloc took 14 s once,
+  # then 5.6 s), and the torch side gets the same.
+  schedule = {(8, "float32"): (2, 20), (8, "bfloat16"): (2, 5)}
   env = environment(args.torch_python)
   print(json.dumps({"environment": env}), file=sys.stderr, flush=True)
   runs = []
   for batch in batches:
     for dtype in dtypes:
-      warmup, steps = schedule.get((batch, dtype), (1, 4))
+      warmup, steps = schedule.get((batch, dtype), (2, 4))
       for recipe in recipes:  # JAX and torch alternate, recipe by recipe
         for conv_impl in conv_impls:
           runs.append(run_jax("supervised", batch, dtype, recipe, conv_impl, warmup, steps))
