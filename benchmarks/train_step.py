@@ -354,10 +354,11 @@ def main():
     parser.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)}")
   conv_impls = args.conv_impls.split(",")
   # (warm-up, timed) steps by (batch, dtype): enough timed steps at batch 8 float32 to average over the
-  # step-to-step spread; fewer where a step takes many seconds. Two warm-up steps everywhere: a caching
-  # allocator grows its heap during the first steps (a batch-32 JAX step under tcmalloc took 14 s once,
-  # then 5.6 s), and the torch side gets the same.
-  schedule = {(8, "float32"): (2, 20), (8, "bfloat16"): (2, 5)}
+  # step-to-step spread; fewer where a step takes many seconds. The warm-up covers the steps in which a
+  # caching allocator grows its heap (under tcmalloc the first two batch-32 JAX steps took 12-15 s, the
+  # ones after 5.7 s); the torch side gets the same.
+  schedule = {(8, "float32"): (2, 20), (8, "bfloat16"): (2, 5), (32, "float32"): (3, 4),
+              (32, "bfloat16"): (3, 4)}
   env = environment(args.torch_python)
   print(json.dumps({"environment": env}), file=sys.stderr, flush=True)
   runs = []

@@ -281,6 +281,16 @@ def test_early_fusion_stacks_channels_in_order_with_blown_up_vectors():
   assert model(images(2, UNET_SIZE))["climatezone"].shape == (2, 12)
 
 
+def test_land_cover_class_map_input_is_one_hot_in_the_model():
+  class_map = np.array([[[0, 10], [255, 3]]], np.uint8)  # 255: no data
+  stacked = np.asarray(fusion.stack_channels({"lulc": class_map}, ["lulc"], jnp.float32, 2))
+  expected = np.zeros((1, 2, 2, 11), np.float32)
+  expected[0, 0, 0, 0] = expected[0, 0, 1, 10] = expected[0, 1, 1, 3] = 1.0
+  np.testing.assert_array_equal(stacked, expected)
+  # A one-hot given as such is taken as it is.
+  np.testing.assert_array_equal(fusion.stack_channels({"lulc": expected}, ["lulc"], jnp.float32, 2), expected)
+
+
 def test_late_fusion_of_images_and_vectors():
   modalities = ["s2", "s1", "dem", "era5"]
   tasks = (CLIMATE, dict(name="pooled", kind="classification", num_classes=4, head="pool"))

@@ -97,12 +97,14 @@ def test_batch_matches_the_documented_format_and_is_sharded(mesh):
                                           labels=list(constants.LABELS))
   batch = next(iterator)
   channels = constants.MODALITIES
-  for name in ("s2", "s1", "dem", "lulc"):
+  for name in ("s2", "s1", "dem"):
     assert batch["inputs"][name].shape == (8, SIZE, SIZE, channels[name])
   for name in ("season", "climatezone", "era5"):
     assert batch["inputs"][name].shape == (8, channels[name])
-  for value in jax.tree.leaves(batch["inputs"]):
-    assert value.dtype == np.float32
+  # Land cover travels as its class map; the models one-hot it on the device.
+  assert batch["inputs"]["lulc"].shape == (8, SIZE, SIZE) and batch["inputs"]["lulc"].dtype == np.uint8
+  for name, value in batch["inputs"].items():
+    assert value.dtype == (np.uint8 if name == "lulc" else np.float32), name
   expected_labels = {"climatezone": ((8,), np.int32), "lulc_top": ((8,), np.int32),
                      "lulc_multihot": ((8, 11), np.float32), "lulc": ((8, SIZE, SIZE), np.int32),
                      "season": ((8,), np.float32), "geocluster": ((8,), np.int32)}
@@ -170,7 +172,7 @@ def test_augmentation_is_joint_and_differs_between_epochs(mesh):
     for row, index in enumerate(batch["index"]):
       position = np.rint(batch["inputs"]["s2"][row, ..., 0] * 1e4).astype(np.int64) - 1000 * (index % 9)
       np.testing.assert_array_equal(batch["labels"]["lulc"][row], position % 11)
-      np.testing.assert_array_equal(batch["inputs"]["lulc"][row].argmax(-1), position % 11)
+      np.testing.assert_array_equal(batch["inputs"]["lulc"][row], position % 11)
   for index in range(8):
     a = first["inputs"]["s2"][list(first["index"]).index(index)]
     b = second["inputs"]["s2"][list(second["index"]).index(index)]
@@ -205,7 +207,9 @@ def test_evaluation_visits_every_example_exactly_once(mesh, num_examples, batch_
   assert np.all(index[~valid] == -1) and valid.sum() == num_examples
   s2 = np.concatenate([b["inputs"]["s2"] for b in collected])
   lulc = np.concatenate([b["labels"]["lulc"] for b in collected])
+  lulc_input = np.concatenate([b["inputs"]["lulc"] for b in collected])
   assert np.all(s2[~valid] == 0) and np.all(lulc[~valid] == constants.LULC_IGNORE)
+  assert np.all(lulc_input[~valid] == constants.LULC_IGNORE)  # a one-hot of nothing in the model
   for position in range(num_examples):  # no augmentation: rows equal the plain transform
     np.testing.assert_allclose(s2[position], transforms.normalize(source[position], ["s2"])["s2"])
 
@@ -424,10 +428,7 @@ def test_prepared_synthetic_dataset_flows_through_the_pipeline(mesh, tmp_path):
     example = train[int(index)]
     assert batch["labels"]["climatezone"][row] == example["climatezone"]
     assert batch["labels"]["lulc_top"][row] == example["lulc_top"]
-    ignored = batch["labels"]["lulc"][row] == constants.LULC_IGNORE
-    assert np.all(batch["inputs"]["lulc"][row][ignored] == 0)
-    np.testing.assert_array_equal(batch["inputs"]["lulc"][row][~ignored].argmax(-1),
-                                  batch["labels"]["lulc"][row][~ignored])
+    np.testing.assert_array_equal(batch["inputs"]["lulc"][row], batch["labels"]["lulc"][row])
   evaluation = [to_numpy(b) for b in eval_batches(config, validation, mesh, labels=labels)]
   index = np.concatenate([b["index"] for b in evaluation])
   np.testing.assert_array_equal(index[index >= 0], np.arange(len(validation)))

@@ -51,14 +51,13 @@ def test_reference_normalisation_matches_hand_computed_values():
   np.testing.assert_allclose(inputs["s1"], [[[0.0, 1.0], [0.0, 1.0]], [[0.5, 0.8], [0.2, 0.96]]], rtol=1e-6)
   np.testing.assert_allclose(inputs["dem"][..., 0], [[0.0, 0.25], [1.5, -0.02]], rtol=1e-6)
   np.testing.assert_allclose(inputs["era5"], np.full(9, 2.0), rtol=1e-6)
-  assert inputs["lulc"].shape == (2, 2, 11)
-  np.testing.assert_array_equal(inputs["lulc"][0, 0], np.eye(11)[0])
-  np.testing.assert_array_equal(inputs["lulc"][0, 1], np.eye(11)[10])
-  np.testing.assert_array_equal(inputs["lulc"][1, 0], np.zeros(11))  # no data
+  # The land-cover input is the class map (255 where there is no class); the models one-hot it.
+  assert inputs["lulc"].dtype == np.uint8
+  np.testing.assert_array_equal(inputs["lulc"], [[0, 10], [255, 3]])
   np.testing.assert_array_equal(inputs["climatezone"], np.eye(12)[5])
   np.testing.assert_array_equal(inputs["season"], [0.25])
   for name, value in inputs.items():
-    assert value.dtype == np.float32, name
+    assert value.dtype == (np.uint8 if name == "lulc" else np.float32), name
 
 
 def test_only_requested_modalities_are_returned():
@@ -198,7 +197,7 @@ def test_training_transform_crops_and_augments_jointly_and_eval_is_centred():
     position = np.rint(row["inputs"]["dem"][..., 0] * constants.DEM_SCALE_M).astype(np.int64)
     assert row["inputs"]["s2"].shape == (6, 6, 12)
     np.testing.assert_array_equal(row["labels"]["lulc"], position % 11)
-    np.testing.assert_array_equal(row["inputs"]["lulc"].argmax(-1), position % 11)
+    np.testing.assert_array_equal(row["inputs"]["lulc"], position % 11)
     np.testing.assert_allclose(row["inputs"]["s2"][..., 0], position / 1e4, rtol=1e-6)
     # A window of 6x6 contiguous pixels: the spread of positions is that of a 6x6 block.
     assert position.max() - position.min() == 5 * 12 + 5
@@ -215,7 +214,7 @@ def test_spectral_augmentation_keeps_shapes_and_finiteness_and_spares_categorica
   options = transforms.SpectralAugment(brightness=0.2, contrast=0.3, noise_std=0.05, blur_prob=1.0)
   out = transforms.spectral_augment(inputs, np.random.default_rng(0), options)
   for name in inputs:
-    assert out[name].shape == inputs[name].shape and out[name].dtype == np.float32
+    assert out[name].shape == inputs[name].shape and out[name].dtype == inputs[name].dtype
     assert np.all(np.isfinite(out[name]))
   assert not np.allclose(out["s2"], inputs["s2"])
   assert not np.allclose(out["s1"], inputs["s1"])

@@ -337,12 +337,13 @@ class EvalRows(_Rows):
       if position < self.num_examples:
         self.row(int(position), out=target)
       else:
-        # Padding rows hold zeros (and the ignore value in the mask): the model runs on them, and `valid`
-        # keeps them out of every metric.
+        # Padding rows hold zeros (and the ignore value in land-cover maps): the model runs on them, and
+        # `valid` keeps them out of every metric.
         for array in jax.tree.leaves(target):
           array[...] = 0
-        if "lulc" in target["labels"]:
-          target["labels"]["lulc"][...] = constants.LULC_IGNORE
+        for part in ("inputs", "labels"):
+          if "lulc" in target[part]:
+            target[part]["lulc"][...] = constants.LULC_IGNORE
     valid = positions < self.num_examples
     out["valid"][...] = valid
     out["index"][...] = np.where(valid, positions, -1)

@@ -19,21 +19,20 @@ import numpy as np
 from labeleff_jax.data import constants
 
 # Raw example features that are rasters [H, W, ...] and must move together under crops, flips and
-# rotations. `lulc` is both an input modality (one-hot) and the segmentation label.
+# rotations. `lulc` is both an input modality (a class map, one-hot on the device) and the segmentation label.
 RASTER_FEATURES = ("s2", "s1", "dem", "lulc")
 
-# Image modalities that spectral augmentation may touch: one-hot land cover is categorical and stays exact.
+# Image modalities that spectral augmentation may touch: land cover is categorical and stays exact.
 SPECTRAL_MODALITIES = ("s2", "s1", "dem")
 
 # Modalities that `compute_normalization_stats` standardises (one-hots and the season stay as they are).
 STANDARDIZABLE_MODALITIES = ("s2", "s1", "dem", "era5")
 
-# Row c is the one-hot of land-cover class c; rows for 'no data' (255) and any invalid code are all zeros.
-_LULC_ONE_HOT = np.zeros((256, constants.NUM_LULC_CLASSES), np.float32)
-_LULC_ONE_HOT[np.arange(constants.NUM_LULC_CLASSES), np.arange(constants.NUM_LULC_CLASSES)] = 1.0
-# Maps every stored byte to a class index or to the ignore value, so out-of-range codes never reach a loss.
+# Map every stored byte to a class index or to the ignore value, so out-of-range codes never reach a loss
+# (labels) or a one-hot (inputs: the model's one-hot of 255 is all zeros).
 _LULC_LABEL = np.full(256, constants.LULC_IGNORE, np.int32)
 _LULC_LABEL[: constants.NUM_LULC_CLASSES] = np.arange(constants.NUM_LULC_CLASSES)
+_LULC_INPUT = _LULC_LABEL.astype(np.uint8)
 
 _S1_LOW, _S1_HIGH = constants.S1_CLIP_DB
 _S1_RANGE = _S1_HIGH - _S1_LOW
@@ -80,10 +79,10 @@ def prepare_stats(stats: Mapping | None) -> dict | None:
   return prepared
 
 
-def _destination(out: Mapping | None, name: str, shape: tuple) -> np.ndarray:
+def _destination(out: Mapping | None, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
   """Where modality `name` is written: a fresh array, or the caller's (e.g. a row of a batch buffer)."""
   if out is None:
-    return np.empty(shape, np.float32)
+    return np.empty(shape, dtype)
   target = out[name]
   if target.shape != tuple(shape):
     raise ValueError(f"Output buffer for '{name}' has shape {target.shape}, the example gives "
@@ -93,14 +92,15 @@ def _destination(out: Mapping | None, name: str, shape: tuple) -> np.ndarray:
 
 def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None = None,
               out: Mapping | None = None) -> dict:
-  """Returns the float32 input arrays of `modalities` for one raw example.
+  """Returns the input arrays of `modalities` for one raw example (float32; lulc uint8).
 
   Without `stats` (or for a modality missing from it) the reference's fixed scaling applies: s2
   clip(x / 1e4, 0, 1), s1 (clip(x, -25, 0) + 25) / 25, dem x / 1000, era5 (x - offset) / scale. A modality
-  in `stats` (see `compute_normalization_stats`) is standardised per band instead. lulc becomes a one-hot
-  [H, W, 11] (all zeros where no data), climatezone a one-hot [12], season a [1] vector of season_s2.
+  in `stats` (see `compute_normalization_stats`) is standardised per band instead. lulc becomes a uint8
+  class map [H, W] (255 where no data; the models one-hot it), climatezone a one-hot [12], season a [1]
+  vector of season_s2.
 
-  With `out` (a dict of float32 arrays of the right shapes), results are written there and `out` returned:
+  With `out` (a dict of arrays of the right shapes and dtypes), results are written there and `out` returned:
   the pipeline passes rows of its batch buffers, so each image is converted once, straight into the batch.
   """
   if stats is not None and not all("inv_std" in entry for entry in stats.values()):
@@ -134,9 +134,10 @@ def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None
       np.subtract(raw, constants.ERA5_OFFSET, out=target, dtype=np.float32)
       target /= constants.ERA5_SCALE
     elif name == "lulc":
-      target = _destination(out, name, raw.shape + (constants.NUM_LULC_CLASSES,))
-      # mode='clip' skips the buffered bounds check; uint8 codes always index the 256-row table.
-      np.take(_LULC_ONE_HOT, raw.astype(np.uint8, copy=False), axis=0, out=target, mode="clip")
+      # The class map travels (1 byte a pixel); models expand it to a one-hot on the device, which would
+      # be 44 bytes a pixel here. mode='clip' skips the bounds check: uint8 codes always index the table.
+      target = _destination(out, name, raw.shape, np.uint8)
+      np.take(_LULC_INPUT, raw.astype(np.uint8, copy=False), out=target, mode="clip")
     elif name == "season":
       target = _destination(out, name, (1,))
       target[0] = np.float32(_feature(example, "season_s2"))

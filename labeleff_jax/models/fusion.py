@@ -33,11 +33,17 @@ def blow_up(vector: jax.Array, height: int, width: int) -> jax.Array:
 
 
 def get_input(inputs: dict, modality: str, dtype) -> jax.Array:
-  """inputs[modality] in the compute dtype, with its shape checked (NHWC image or [B, D] vector)."""
+  """inputs[modality] in the compute dtype, with its shape checked (NHWC image or [B, D] vector).
+
+  A land-cover class map ([B, H, W] integers, as the pipeline sends it) becomes its one-hot here; codes
+  outside 0..10 (255: no data) give all-zero pixels.
+  """
   if modality not in inputs:
     raise KeyError(f"inputs has no modality {modality!r} (the model needs {modality!r}; got {sorted(inputs)})")
   x = jnp.asarray(inputs[modality])
   expected = constants.MODALITIES[modality]
+  if modality == "lulc" and x.ndim == 3 and jnp.issubdtype(x.dtype, jnp.integer):
+    return jax.nn.one_hot(x, expected, dtype=dtype)
   if modality in constants.IMAGE_MODALITIES:
     if x.ndim != 4 or x.shape[-1] != expected:
       raise ValueError(f"inputs[{modality!r}] must be [B, H, W, {expected}] (channels last), got {x.shape}")
