@@ -11,7 +11,7 @@ What it measures (one JSON object on stdout and in --out; benchmarks/README.md e
    float32 as `torch.from_numpy(x).float()` does) and is collated into batches of 32. Worker processes
    build whole batches and keep 2 each in flight, as torch's DataLoader does.
 2. `pipeline`: `labeleff_jax.data.pipeline.make_train_iterator` over the prepared TFDS dataset, same
-   modalities (s2, s1, dem, lulc: a one-hot input here) and batch 32, the same number of workers (grain's
+   modalities (s2, s1, dem, lulc: the class map, one-hot in the model) and batch 32, the same number of workers (grain's
    worker processes), every batch device arrays on a mesh of the CPU devices (block_until_ready). No
    augmentation, as in the reference: the same work. `pipeline_augmented`: the same with training's random
    flips and rotations. `pipeline_threads` (workers > 0): `pipeline`'s batches read ahead by grain threads
