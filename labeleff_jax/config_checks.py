@@ -56,7 +56,8 @@ def check_modalities(names: Any, key: str = "data.modalities") -> tuple[str, ...
     raise ConfigError(f"{key} is empty: name at least one of {sorted(constants.MODALITIES)}")
   for name in names:
     if name not in constants.MODALITIES:
-      raise ConfigError(f"{key}: {name!r} is not a ben-ge modality; choose from {sorted(constants.MODALITIES)}")
+      raise ConfigError(f"{key}: {name!r} is not a ben-ge modality; choose from "
+                        f"{sorted(constants.MODALITIES)}")
   if len(set(names)) != len(names):
     raise ConfigError(f"{key} lists a modality twice: {list(names)}")
   return names
@@ -69,7 +70,8 @@ def check_labels(names: Any, key: str = "labels") -> tuple[str, ...]:
   names = tuple(names)
   for name in names:
     if name not in constants.LABELS:
-      raise ConfigError(f"{key}: {name!r} is not a label of the dataset; choose from {sorted(constants.LABELS)}")
+      raise ConfigError(f"{key}: {name!r} is not a label of the dataset; choose from "
+                        f"{sorted(constants.LABELS)}")
   return names
 
 
@@ -212,7 +214,8 @@ def check_model(config) -> None:
   if get(model, "shared_backbone", False):
     images = {m: constants.MODALITIES[m] for m in modalities if m in constants.IMAGE_MODALITIES}
     if fusion != "late":
-      raise ConfigError("config.model.shared_backbone applies to late fusion only (config.model.fusion='late')")
+      raise ConfigError("config.model.shared_backbone applies to late fusion only "
+                        "(config.model.fusion='late')")
     if len(images) < 2 or len(set(images.values())) != 1:
       raise ConfigError("config.model.shared_backbone needs at least two image modalities with equal channel "
                         f"counts, got {images}; set shared_backbone=False to give each its own backbone")
@@ -257,7 +260,7 @@ def check(config, *, num_data_devices: int) -> None:
   check_optimizer(config)
   check_choice(get(config.get("transfer", None), "mode", "finetune"), TRANSFER_MODES, "transfer.mode")
   label = probe_label(config)
-  if label is not None and constants.LABELS.get(label, constants.Label("", 0, None, "")).kind != "classification":
+  if label is not None and getattr(constants.LABELS.get(label), "kind", None) != "classification":
     raise ConfigError(f"probe.label={label!r} must be a classification label: "
                       f"{sorted(k for k, v in constants.LABELS.items() if v.kind == 'classification')}")
   objective = check_choice(get(config, "objective", "supervised"), OBJECTIVES, "objective")

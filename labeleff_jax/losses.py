@@ -271,7 +271,8 @@ def matching_accuracy(z_a: jax.Array, z_b: jax.Array, *, mask: Any = None, mesh:
 
 
 __all__ = [
-    "l2_normalise", "mae", "mae_sum_and_count", "matching_accuracy", "mean_from_sum_and_count", "mse", "mse_sum_and_count", "nt_xent",
+    "l2_normalise", "mae", "mae_sum_and_count", "matching_accuracy", "mean_from_sum_and_count", "mse",
+    "mse_sum_and_count", "nt_xent",
     "nt_xent_and_matching_accuracy", "sigmoid_binary_cross_entropy",
     "sigmoid_binary_cross_entropy_sum_and_count", "softmax_cross_entropy",
     "softmax_cross_entropy_sum_and_count", "valid_mask",

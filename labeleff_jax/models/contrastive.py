@@ -27,7 +27,8 @@ class Projector(nnx.Module):
                rngs: nnx.Rngs):
     features = tuple(int(f) for f in features)
     sizes = (in_features,) + features
-    self.layers = nnx.List([torch_style.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+    self.layers = nnx.List([torch_style.linear(a, b, dtype=dtype, rngs=rngs)
+                            for a, b in zip(sizes, sizes[1:])])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for index, layer in enumerate(self.layers):

@@ -39,7 +39,8 @@ def get_input(inputs: dict, modality: str, dtype) -> jax.Array:
   outside 0..10 (255: no data) give all-zero pixels.
   """
   if modality not in inputs:
-    raise KeyError(f"inputs has no modality {modality!r} (the model needs {modality!r}; got {sorted(inputs)})")
+    raise KeyError(f"inputs has no modality {modality!r} (the model needs {modality!r}; got "
+                   f"{sorted(inputs)})")
   x = jnp.asarray(inputs[modality])
   expected = constants.MODALITIES[modality]
   if modality == "lulc" and x.ndim == 3 and jnp.issubdtype(x.dtype, jnp.integer):

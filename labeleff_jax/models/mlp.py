@@ -22,7 +22,8 @@ class MLPEncoder(nnx.Module):
                dtype=jnp.float32, rngs: nnx.Rngs):
     features = tuple(int(f) for f in features)
     sizes = (in_features,) + features
-    self.layers = nnx.List([torch_style.linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+    self.layers = nnx.List([torch_style.linear(a, b, dtype=dtype, rngs=rngs)
+                            for a, b in zip(sizes, sizes[1:])])
     self.out_features = features[-1]
 
   def __call__(self, x: jax.Array) -> jax.Array:

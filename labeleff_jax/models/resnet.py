@@ -10,8 +10,9 @@ from labeleff_jax.models.registry import BACKBONES
 
 def _resnet_conv(in_channels, out_channels, kernel_size, *, stride=1, padding=0, dtype, rngs):
   # torchvision ResNets use bias-free convs with kaiming_normal(fan_out) init.
-  return torch_style.conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, use_bias=False,
-                     kernel_init=torch_style.torch_resnet_kernel_init, dtype=dtype, rngs=rngs)
+  return torch_style.conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                          use_bias=False, kernel_init=torch_style.torch_resnet_kernel_init, dtype=dtype,
+                          rngs=rngs)
 
 
 class Downsample(nnx.Module):
