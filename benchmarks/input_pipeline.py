@@ -11,11 +11,12 @@ What it measures (one JSON object on stdout and in --out; benchmarks/README.md e
    float32 as `torch.from_numpy(x).float()` does) and is collated into batches of 32. Worker processes
    build whole batches and keep 2 each in flight, as torch's DataLoader does.
 2. `pipeline`: `labeleff_jax.data.pipeline.make_train_iterator` over the prepared TFDS dataset, same
-   modalities (s2, s1, dem, lulc: the class map, one-hot in the model) and batch 32, the same number of workers (grain's
-   worker processes), every batch device arrays on a mesh of the CPU devices (block_until_ready). No
-   augmentation, as in the reference: the same work. `pipeline_augmented`: the same with training's random
-   flips and rotations. `pipeline_threads` (workers > 0): `pipeline`'s batches read ahead by grain threads
-   instead of processes. They take turns window by window, so they share the machine's load.
+   modalities (s2, s1, dem, lulc: the class map, one-hot in the model) and batch 32, the same number of
+   workers (grain's worker processes), every batch device arrays on a mesh of the CPU devices
+   (block_until_ready). No augmentation, as in the reference: the same work. `pipeline_augmented`: the
+   same with training's random flips and rotations. `pipeline_threads` (workers > 0): `pipeline` with
+   data.worker_type='thread' (grain threads instead of processes). They take turns window by window, so
+   they share the machine's load.
 3. `speedup`: pipeline / reference in samples/s (wall) and in CPU time per sample, per worker count;
    `goal`: whether `pipeline` reaches goal_speedup(workers) in samples/s at every worker count.
 4. `writer_options_variants`: the same records re-encoded with other array_record writer options
@@ -380,30 +381,25 @@ def pipeline_loader(name: str, data_dir: pathlib.Path, workers: int, args, *, au
 
 
 def threads_loader(name: str, data_dir: pathlib.Path, workers: int, args) -> Timed:
-  """`pipeline`'s batches (pipeline.TrainRows) read ahead by grain threads instead of worker processes."""
-  import grain  # pylint: disable=g-import-not-at-top
+  """`pipeline` with `data.worker_type='thread'`: the same batches read ahead by grain threads."""
   import jax  # pylint: disable=g-import-not-at-top  (kept out of the spawned reference workers)
   from labeleff_jax import sharding  # pylint: disable=g-import-not-at-top
   from labeleff_jax.data import pipeline, splits  # pylint: disable=g-import-not-at-top
-  config = _pipeline_config(data_dir, 0, augment=False)
+  config = _pipeline_config(data_dir, workers, augment=False)
+  config.data.worker_type = "thread"
   mesh = jax.make_mesh((jax.device_count(),), (sharding.DATA_AXIS,))
   spec = pipeline.DataSpec.from_config(config, labels=LABELS)
-  source = splits.open_split(config, "train")
-  layout = sharding.batch_layout(mesh, BATCH_SIZE, "train.batch_size")
-  rows = pipeline.TrainRows(source, np.arange(len(source)), pipeline.make_transform(spec, train=True),
-                            seed=spec.seed, num_views=1, layout=layout)
-  read_ahead = max(2, workers)
-  stream = iter(grain.MapDataset.range(0, 2**40).map(rows).to_iter_dataset(
-      grain.ReadOptions(num_threads=workers, prefetch_buffer_size=read_ahead)))
+  iterator = pipeline.make_train_iterator(spec, splits.open_split(config, "train"), mesh)
+  read_ahead = max(spec.prefetch, workers)
 
   def next_batch():
-    return jax.block_until_ready(layout.to_global(next(stream)))["valid"].shape[0]
+    return jax.block_until_ready(next(iterator))["valid"].shape[0]
 
   # grain's threads cannot be asked whether they are done: wait as long as they take (~30 ms per batch
   # here), generously.
   return Timed(name=name, next_batch=next_batch, cpu_seconds=time.process_time,
                read_ahead=read_ahead + workers, batches_per_window=args.pipeline_batches,
-               settle=lambda: time.sleep(0.25 * read_ahead), close=stream.close)
+               settle=lambda: time.sleep(0.25 * read_ahead), close=iterator.close)
 
 
 def run_interleaved(make_loaders: list, args) -> dict:

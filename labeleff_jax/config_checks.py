@@ -79,6 +79,7 @@ def check_labels(names: Any, key: str = "labels") -> tuple[str, ...]:
 # Sections.
 # ---------------------------------------------------------------------------------------------------------
 NORMALIZATIONS = ("reference", "standardize")
+WORKER_TYPES = ("process", "thread")
 AUGMENT_KEYS = ("flip", "rot90", "brightness", "contrast", "noise_std", "blur_prob")
 CONV_IMPLS = ("auto", "xla", "cpu_fast")
 FUSIONS = ("early", "late")
@@ -132,6 +133,7 @@ def check_data(config) -> None:
     if augment.get(key, 0.0) > 1:
       raise ConfigError(f"data.augment.{key}={augment[key]} must be <= 1")
   check_int(get(data, "num_workers", 0), "data.num_workers", minimum=0)
+  check_choice(get(data, "worker_type", "process"), WORKER_TYPES, "data.worker_type")
   check_int(get(data, "prefetch", 2), "data.prefetch", minimum=0)
   check_int(config.train.batch_size, "train.batch_size", minimum=1)
   eval_batch = get(config.get("eval", None), "batch_size", None)

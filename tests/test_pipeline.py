@@ -147,8 +147,9 @@ def test_each_epoch_is_a_fresh_permutation_without_the_remainder(mesh):
 
 
 def test_same_seed_same_batches_and_other_seed_other_batches(mesh):
-  def run(seed, workers):
-    config = make_config(num_workers=workers, augment=ml_collections.ConfigDict(dict(noise_std=0.1)))
+  def run(seed, workers, worker_type="process"):
+    config = make_config(num_workers=workers, worker_type=worker_type,
+                         augment=ml_collections.ConfigDict(dict(noise_std=0.1)))
     config.seed = seed
     iterator = train_iterator(config, InMemoryBenGe(24), mesh, labels=["lulc"])
     batches = take(iterator, 4)
@@ -158,6 +159,7 @@ def test_same_seed_same_batches_and_other_seed_other_batches(mesh):
   assert_batches_equal(reference, run(3, 0))
   assert_batches_equal(reference, run(3, 1))  # worker processes never change the data, however many
   assert_batches_equal(reference, run(3, 2))
+  assert_batches_equal(reference, run(3, 2, "thread"))  # nor does reading ahead with threads
   other = run(4, 0)
   assert not np.array_equal(reference[0]["index"], other[0]["index"])
 
@@ -358,7 +360,7 @@ def test_configuration_errors_name_the_key(mesh):
       ("label_fraction_seed", 0.5, "data.label_fraction_seed"),
       ("stratify_by", "lulc", "data.stratify_by='lulc'"),
       ("multilabel_threshold", 1.0, "data.multilabel_threshold=1.0"),
-      ("num_workers", -1, "data.num_workers=-1"),
+      ("num_workers", -1, "data.num_workers=-1"), ("worker_type", "fork", "data.worker_type='fork'"),
       ("prefetch", 1.5, "data.prefetch")]:
     with pytest.raises(config_checks.ConfigError, match=message):
       spec_of(make_config(**{key: value}))
@@ -372,14 +374,14 @@ def test_configuration_errors_name_the_key(mesh):
 def test_the_spec_holds_what_the_config_says():
   config = make_config(image_size=12, num_views=2, normalization="standardize", multilabel_threshold=0.2,
                        label_fraction=0.5, label_fraction_seed=7, stratify_by="lulc_top", num_workers=3,
-                       prefetch=5, augment=ml_collections.ConfigDict(dict(flip=False, noise_std=0.1)))
+                       worker_type="thread", prefetch=5, augment=ml_collections.ConfigDict(dict(flip=False, noise_std=0.1)))
   config.eval.batch_size = 16
   spec = spec_of(config, ["lulc"])
   assert spec == pipeline.DataSpec(
       modalities=("s2", "lulc", "season"), labels=("lulc",), train_batch_size=8, eval_batch_size=16, seed=3,
       image_size=12, flip=False, rot90=True, spectral=transforms.SpectralAugment(noise_std=0.1), num_views=2,
       normalization="standardize", multilabel_threshold=0.2, label_fraction=0.5, label_fraction_seed=7,
-      stratify_by="lulc_top", num_workers=3, prefetch=5)
+      stratify_by="lulc_top", num_workers=3, worker_type="thread", prefetch=5)
   del config.eval
   config.tasks = [ml_collections.ConfigDict(dict(label="climatezone"))]
   spec = pipeline.DataSpec.from_config(config)  # labels: those the tasks need

@@ -10,12 +10,13 @@ Design, in short:
 - Stock grain does the work: a MapDataset of batch indices, mapped to this process's rows of each batch.
   Every row is transformed straight into the batch's memory (each image is copied once on the host) and
   the memory is 64-byte aligned, so jax adopts it without a copy. `data.num_workers` grain worker
-  processes (`mp_prefetch`) make whole batches in grain's shared memory and hand them over in step order;
-  with 0 workers each batch is made in the caller when asked for. Processes, because much of the
-  per-example work holds the GIL; each batch's fresh shared memory costs them kernel time, so on a 2-core
-  machine they may make fewer batches than the caller alone (benchmarks/README.md). Evaluation passes read
-  ahead with grain threads instead: a pass is short and made anew for every evaluation, and starting
-  processes for it would cost more than they save.
+  processes (`mp_prefetch`, `data.worker_type='process'`, the default) make whole batches in grain's
+  shared memory and hand them over in step order; with 0 workers each batch is made in the caller when
+  asked for. Processes by default, because much of the per-example work holds the GIL, so only processes
+  scale with a host's cores; but each batch's fresh shared memory costs them kernel time, and on 2-4
+  cores grain threads (`data.worker_type='thread'`) made more batches (benchmarks/README.md).
+  Evaluation passes always read ahead with grain threads: a pass is short and made anew for every
+  evaluation, and starting processes for it would cost more than they save.
 - Each process builds only its own rows of the global batch and hands them to
   `jax.make_array_from_process_local_data`, which yields one global array sharded over the mesh's `data`
   axis.
@@ -82,7 +83,8 @@ class DataSpec:
   label_fraction: float = 1.0  # data.label_fraction
   label_fraction_seed: int = 0  # data.label_fraction_seed
   stratify_by: str = "climatezone"  # data.stratify_by
-  num_workers: int = 0  # data.num_workers: grain worker processes (threads for evaluation passes)
+  num_workers: int = 0  # data.num_workers: grain workers for training batches (evaluation: threads)
+  worker_type: str = "process"  # data.worker_type: 'process' (grain's mp_prefetch) or 'thread'
   prefetch: int = 2  # data.prefetch: batches read ahead
 
   @classmethod
@@ -118,6 +120,7 @@ class DataSpec:
         label_fraction_seed=int(get(data, "label_fraction_seed", 0)) % 2**63,
         stratify_by=get(data, "stratify_by", "climatezone"),
         num_workers=int(get(data, "num_workers", 0)),
+        worker_type=get(data, "worker_type", "process"),
         prefetch=int(get(data, "prefetch", 2)))
 
 
@@ -415,11 +418,12 @@ class TrainIterator(grain.DatasetIterator):
 
   def __init__(self, source, indices: np.ndarray, transform: transforms.ExampleTransform,
                layout: sharding.BatchLayout, *, seed: int, num_views: int, num_workers: int, prefetch: int,
-               stats: Mapping | None = None):
+               worker_type: str = "process", stats: Mapping | None = None):
     super().__init__()
     self._stream = None
     self._rows = TrainRows(source, indices, transform, seed=seed, num_views=num_views, layout=layout)
-    if num_workers:
+    self._processes = worker_type == "process"
+    if num_workers and self._processes:
       _check_picklable(self._rows)
     self._layout = layout
     self._seed = seed
@@ -469,7 +473,7 @@ class TrainIterator(grain.DatasetIterator):
     if self._stream is None:
       num_workers, prefetch = self._workers
       self._stream = _stream(self._rows, self._step, _MAX_STEPS, num_workers=num_workers,
-                              prefetch=prefetch, processes=True)
+                              prefetch=prefetch, processes=self._processes)
     return self._stream
 
   def __next__(self) -> dict:
@@ -478,7 +482,7 @@ class TrainIterator(grain.DatasetIterator):
       host_batch = next(stream)
     except Exception as error:
       self.close()
-      if self._workers[0]:
+      if self._workers[0] and self._processes:
         error.add_note(f"(in the input pipeline's {self._workers[0]} worker processes, data.num_workers)")
       raise
     batch = self._layout.to_global(host_batch)
@@ -540,7 +544,8 @@ def make_train_iterator(spec: DataSpec, source, mesh: jax.sharding.Mesh, *,
   stats = _stats_for(spec, stats, may_compute_from=source)
   transform = make_transform(spec, train=True, stats=stats)
   return TrainIterator(source, indices, transform, layout, seed=spec.seed, num_views=spec.num_views,
-                       num_workers=spec.num_workers, prefetch=spec.prefetch, stats=stats)
+                       num_workers=spec.num_workers, prefetch=spec.prefetch, worker_type=spec.worker_type,
+                       stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------------------
