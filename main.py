@@ -15,8 +15,38 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots and the summary.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host TPU/GPU slices; "
-                  "set automatically when JAX_COORDINATOR_ADDRESS is in the environment).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with JAX's cluster auto-detection "
+                  "(Cloud TPU, SLURM, Open MPI); also when JAX_COORDINATOR_ADDRESS is in the environment.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a cluster JAX cannot detect "
+                    "(give --num_processes and --process_id too).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
+
+_CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def initialize_distributed(values: dict, multihost: bool, environment: dict) -> dict | None:
+  """The keyword arguments of jax.distributed.initialize for these flags, or None for one process.
+
+  The three cluster flags go together; --multihost alone (or JAX_COORDINATOR_ADDRESS) means auto-detection.
+  """
+  given = {name: values[name] for name in _CLUSTER_FLAGS if values.get(name) is not None}
+  if given:
+    missing = [f"--{name}" for name in _CLUSTER_FLAGS if name not in given]
+    if missing:
+      raise app.UsageError(f"{', '.join(missing)} missing: --coordinator_address, --num_processes and "
+                           "--process_id are given together (or none, with --multihost for auto-detection)")
+    if ":" not in given["coordinator_address"]:
+      raise app.UsageError(f"--coordinator_address={given['coordinator_address']!r} must read HOST:PORT")
+    if given["num_processes"] < 1:
+      raise app.UsageError(f"--num_processes={given['num_processes']} must be at least 1")
+    if not 0 <= given["process_id"] < given["num_processes"]:
+      raise app.UsageError(f"--process_id={given['process_id']} must be in 0..{given['num_processes'] - 1} "
+                           f"(--num_processes={given['num_processes']})")
+    return given
+  if multihost or environment.get("JAX_COORDINATOR_ADDRESS"):
+    return {}
+  return None
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -31,9 +61,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  cluster = initialize_distributed({name: getattr(flags.FLAGS, name) for name in _CLUSTER_FLAGS},
+                                   flags.FLAGS.multihost, dict(os.environ))
   import jax  # pylint: disable=g-import-not-at-top
-  if flags.FLAGS.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+  if cluster is not None:
+    jax.distributed.initialize(**cluster)
   from labeleff_jax import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("workdirs", "run")

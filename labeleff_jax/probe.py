@@ -7,8 +7,9 @@ No training, no extra parameters, so it can run every epoch of a pretraining run
 
 from collections.abc import Callable, Iterable
 
-import jax
 import numpy as np
+
+from labeleff_jax import sharding
 
 
 def collect_features(embed: Callable, batches: Iterable[dict], label: str,
@@ -20,8 +21,8 @@ def collect_features(embed: Callable, batches: Iterable[dict], label: str,
     keep = np.zeros(int(np.max(keep_indices)) + 1, bool)
     keep[keep_indices] = True
   for batch in batches:
-    host = jax.device_get({"features": embed(batch), "index": batch["index"], "valid": batch["valid"],
-                           "label": batch["labels"][label]})
+    host = sharding.to_host({"features": embed(batch), "index": batch["index"], "valid": batch["valid"],
+                             "label": batch["labels"][label]})
     rows = host["valid"].astype(bool)
     if keep is not None:
       index = host["index"]

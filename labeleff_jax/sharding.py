@@ -5,10 +5,12 @@ reduces a batch takes these from here.
 """
 
 import dataclasses
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -27,6 +29,65 @@ def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
     raise ValueError(f"config.mesh.data={num_devices} but {len(devices)} devices are available")
   return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices[:count])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Moving whole trees between the hosts and the mesh, with one process or several.
+# ---------------------------------------------------------------------------------------------------------
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Every leaf as a global array replicated on `mesh`, from the same values held by every process.
+
+  With several processes `jax.device_put` cannot reach the other processes' devices, so each process
+  contributes its own copy (`make_array_from_process_local_data` with a replicated sharding); the caller
+  makes sure the copies agree (see `check_same_everywhere`).
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, replicated)
+
+  def put(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed keys have no numpy form
+      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+    return jax.make_array_from_process_local_data(replicated, np.asarray(leaf))
+
+  return jax.tree.map(put, tree)
+
+
+def check_same_everywhere(tree: Any, what: str) -> None:
+  """Raises unless every process holds bit-identical values (compared by a CRC-32 of each leaf's bytes)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def crc(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    return zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  # uint32 survives the gather exactly (JAX would round float64 checksums to float32).
+  local = np.asarray([crc(leaf) for _, leaf in leaves], np.uint32)
+  everywhere = np.asarray(multihost_utils.process_allgather(local))  # [processes, leaves]
+  differing = [jax.tree_util.keystr(path) for index, (path, _) in enumerate(leaves)
+               if np.any(everywhere[:, index] != local[index])]
+  if differing:
+    raise ValueError(f"{what} differs between processes at {differing[:5]} ({len(differing)} arrays); every "
+                     "process must build it from the same config, seed and files")
+
+
+def to_host(tree: Any) -> Any:
+  """Every leaf as a numpy array holding its whole global value, in every process.
+
+  A collective when an array spans other processes' devices and is not replicated: every process must
+  call it with the same tree.
+  """
+  def fetch(leaf):
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable or leaf.is_fully_replicated:
+      return np.asarray(leaf)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+  return jax.tree.map(fetch, tree)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from labeleff_jax.data import constants
 from labeleff_jax.data import pipeline
 from labeleff_jax.data import splits
 
-P = jax.sharding.PartitionSpec
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -134,10 +133,12 @@ def init_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ob
   transfer.freeze_for_probe(model, config)
   graphdef, rng_state, state = _split(bundle)
   # Parameters and optimizer state replicated on every device of the mesh; batches sharded on `data`.
-  replicated = jax.sharding.NamedSharding(mesh, P())
+  # Every process builds the same state from the seed (and the same init_from files); checked, since a
+  # silent difference would train a different model on every host.
+  sharding.check_same_everywhere(state, "the initial train state")
   train_step, eval_step, embed_step = build_steps(graphdef, eval_graphdef, objective, schedule,
                                                   config.seed, trainable)
-  return TrainingSetup(jax.device_put(state, replicated), jax.device_put(rng_state, replicated), graphdef,
+  return TrainingSetup(sharding.replicate(state, mesh), sharding.replicate(rng_state, mesh), graphdef,
                        train_step, eval_step, embed_step, num_params, transfer_report)
 
 
@@ -145,16 +146,18 @@ def init_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ob
 # Evaluation over a whole split.
 # ---------------------------------------------------------------------------------------------------------
 def evaluate(eval_step, state, rng_state, batches, objective) -> tuple[dict, Any]:
-  """Accumulates exact whole-split metrics; returns (metrics, first batch with its predictions)."""
+  """Accumulates exact whole-split metrics; returns (metrics, the first batch's inputs, labels and
+  predictions as numpy arrays, for plots). Every process runs it and gets the same result."""
   accumulators = objective.new_accumulators()
   count, first = 0, None
   for batch in batches:
     valid_count, stats, predictions = eval_step(state, rng_state, batch)
+    valid_count, stats = sharding.to_host((valid_count, stats))
     count += int(valid_count)
     for name, accumulator in accumulators.items():
-      accumulator.update(jax.tree.map(np.asarray, stats[name]))
+      accumulator.update(stats[name])
     if first is None:
-      first = (batch, predictions)
+      first = sharding.to_host(({"inputs": batch["inputs"], "labels": batch["labels"]}, predictions))
   return {"num_examples": count, **objective.summarize(accumulators)}, first
 
 
@@ -168,9 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.get("mesh", {}).get("data", -1))
   config_checks.check(config, num_data_devices=mesh.shape["data"])
-  is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  writers.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   synthetic_note = " (synthetic data)" if splits.is_synthetic(config) else ""
 
   # -- Input ----------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   pending, train_images, train_seconds = [], 0, 0.0
   collapse_threshold = config.get("contrastive", {}).get("collapse_threshold", 0.05)
   collapsed_at = None
-  progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, mininterval=2.0,
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not writers.is_writer(), mininterval=2.0,
                        desc="train", dynamic_ncols=True)
   step_start = time.time()
   with jax.set_mesh(mesh):
@@ -243,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       pending.append(step_metrics)
       done = step + 1
       if done % log_every == 0 or done == total_steps:
-        fetched = jax.device_get(pending)
+        fetched = sharding.to_host(pending)
         elapsed = time.time() - step_start
         # The first interval of a (re)started run includes compilation: keep it out of images/s.
         if step + 1 - len(pending) > start_step:
@@ -306,13 +307,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   }
   if pretraining:
     summary["collapsed_at_step"] = collapsed_at
-  if is_main:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  writers.write_text(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+  if writers.is_writer():
     plot_dir = workdir / "plots"
     plots.plot_curves(writers.read_metrics(workdir), plot_dir, title_suffix=synthetic_note)
     if examples is not None and objective.tasks:
       batch, predictions = examples
-      host = jax.tree.map(np.asarray, {"inputs": batch["inputs"], "labels": batch["labels"]})
-      plots.plot_examples(host, jax.tree.map(np.asarray, predictions), objective.tasks,
+      plots.plot_examples(batch, predictions, objective.tasks,
                           plot_dir / "examples.png", title_suffix=synthetic_note)
   return summary

@@ -68,8 +68,14 @@ def load_checkpoint_model_state(path) -> dict:
   directory, step = checkpoint_lib.find_checkpoint(path)
   # A fresh manager: the run's own manager must not see (or clean up) a foreign directory.
   manager = ocp.CheckpointManager(directory, item_names=("state",),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Every array whole on this process's first device: the saving run's devices (their number, their
+  # processes) need not exist here, and every process of a multi-process run reads its own copy.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+                          manager.item_metadata(step)["state"])
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   manager.close()
   state = jax.tree.map(np.asarray, restored["state"])
   if "model" not in state:

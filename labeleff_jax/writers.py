@@ -5,9 +5,32 @@ TensorBoard files come from tensorboardX, which needs no TensorFlow.
 
 import json
 import math
+import os
 import pathlib
 
 import jax
+
+
+def is_writer() -> bool:
+  """Whether this process writes a run's files: process 0 of a multi-process run, or the only one."""
+  return jax.process_index() == 0
+
+
+def write_text(path: str | pathlib.Path, text: str) -> None:
+  """Writes a whole file from process 0 only, atomically: a reader sees the old file or the new one.
+
+  The text goes to a temporary file next to `path` that is then renamed over it, so a crash, a full disk
+  or another process reading at the same moment never meets half a file.
+  """
+  if not is_writer():
+    return
+  path = pathlib.Path(path)
+  temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    temporary.write_text(text)
+    os.replace(temporary, path)
+  finally:
+    temporary.unlink(missing_ok=True)
 
 
 def _plain(value):
@@ -22,7 +45,7 @@ class MetricWriter:
   """Appends one JSON object per log event and mirrors scalars into TensorBoard."""
 
   def __init__(self, workdir: str | pathlib.Path, *, resume_step: int | None = None):
-    self.enabled = jax.process_index() == 0
+    self.enabled = is_writer()
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._tensorboard = None
     if not self.enabled:
@@ -34,7 +57,7 @@ class MetricWriter:
       for line in self.path.read_text().splitlines():
         if line.strip() and (resume_step is not None and json.loads(line)["step"] <= resume_step):
           keep.append(line)
-      self.path.write_text("".join(line + "\n" for line in keep))
+      write_text(self.path, "".join(line + "\n" for line in keep))
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 

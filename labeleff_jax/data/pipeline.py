@@ -42,6 +42,7 @@ import numpy as np
 
 from labeleff_jax import config_checks
 from labeleff_jax import sharding
+from labeleff_jax import writers
 from labeleff_jax.data import constants
 from labeleff_jax.data import label_fraction
 from labeleff_jax.data import transforms
@@ -193,8 +194,8 @@ def normalization_stats(spec: DataSpec, source, *, workdir: str | pathlib.Path |
     return json.loads(path.read_text())
   stats = transforms.compute_normalization_stats(source, spec.modalities,
                                                  max_examples=spec.normalization_max_examples)
-  if path is not None and jax.process_index() == 0:
-    path.write_text(json.dumps(stats, indent=2) + "\n")
+  if path is not None:
+    writers.write_text(path, json.dumps(stats, indent=2) + "\n")
   return stats
 
 

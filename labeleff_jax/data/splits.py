@@ -26,8 +26,18 @@ def is_synthetic(config) -> bool:
   return bool(config.data.get("synthetic", None))
 
 
+def _wait_for_every_process(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def ensure_prepared(config) -> pathlib.Path:
-  """Returns the prepared dataset directory, preparing it first when needed (process 0 only)."""
+  """Returns the prepared dataset directory, preparing it first when needed.
+
+  With several processes, process 0 writes (the synthetic folder, the prepared dataset) and the others
+  wait for it; data_dir and manual_dir must be on a file system every process sees.
+  """
   # Imported here: the builders pull in rasterio and tfds' writer, which plain training never needs.
   from data_builders.ben_ge import ben_ge as builder_lib  # pylint: disable=g-import-not-at-top
 
@@ -37,13 +47,13 @@ def ensure_prepared(config) -> pathlib.Path:
   if (prepared / "dataset_info.json").exists():
     return prepared
   manual_dir = pathlib.Path(config.data.manual_dir).expanduser()
-  if is_synthetic(config) and not (manual_dir / name).exists():
+  if is_synthetic(config) and jax.process_index() == 0 and not (manual_dir / name).exists():
     from data_builders.ben_ge import synthetic  # pylint: disable=g-import-not-at-top
     logging.info("writing synthetic %s (%d patches) into %s", name, config.data.synthetic.num_patches,
                  manual_dir)
-    if jax.process_index() == 0:
-      synthetic.write_dataset(manual_dir, name=name, num_patches=config.data.synthetic.num_patches,
-                              seed=config.data.synthetic.get("seed", 0), workers=min(2, os.cpu_count() or 1))
+    synthetic.write_dataset(manual_dir, name=name, num_patches=config.data.synthetic.num_patches,
+                            seed=config.data.synthetic.get("seed", 0), workers=min(2, os.cpu_count() or 1))
+  _wait_for_every_process("ben_ge raw data")
   if not ((manual_dir / name).exists() or (manual_dir / f"{name}.tar.gz").exists()):
     raise FileNotFoundError(
         f"dataset {name!r} is not prepared under {data_dir} and {manual_dir} holds neither {name}/ nor "
@@ -52,9 +62,7 @@ def ensure_prepared(config) -> pathlib.Path:
         f"--config {name}")
   if jax.process_index() == 0:
     prepared = builder_lib.prepare(manual_dir, data_dir, name)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("ben_ge prepared")
+  _wait_for_every_process("ben_ge prepared")
   return prepared
 
 

@@ -20,6 +20,7 @@ import pathlib
 import jax
 import ml_collections
 
+from labeleff_jax import writers
 from labeleff_jax.experiments import runner
 from labeleff_jax.experiments import tables
 
@@ -128,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train
   root.mkdir(parents=True, exist_ok=True)
   if config.get("compilation_cache", True):
     runner.enable_compilation_cache(root / runner.CACHE_SUBDIR)
-  (root / "experiment_config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  writers.write_text(root / "experiment_config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   runs = plan(config, root)
   records = runner.execute(runs, root, desc="label-fraction sweep", train_fn=train_fn,
                            before_run=_BatchSizer(config))
@@ -141,7 +142,8 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
   downstream = [record for record in records if record["method"] != "pretrain"]
   metrics = list(config.metrics)
   rows = tables.aggregate(downstream, ["fraction", "method"], metrics)
-  tables.write_csv(rows, ["fraction", "method"], metrics, root / "results.csv")
+  if writers.is_writer():  # with several processes, process 0 writes the tables and plots
+    tables.write_csv(rows, ["fraction", "method"], metrics, root / "results.csv")
   synthetic = bool(config.data.synthetic.get("num_patches", 0))
   data_note = " (synthetic data)" if synthetic else ""
   headers = {**METHOD_LABELS, "fraction": "label fraction"}
@@ -159,9 +161,10 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
     sections.append(f"## {title}\n\n" + tables.pivot_markdown(for_display, "fraction", "method", metric,
                                                               headers=headers))
     path = root / f"{metric.replace('/', '_')}_vs_fraction.png"
-    tables.plot_against_fraction(rows, metric, path, labels=METHOD_LABELS, ylabel=f"{title} (%)",
-                                 title=f"{config.data.name}{data_note}: {title}, mean ± std over "
-                                       f"{len(config.seeds)} seed(s)")
+    if writers.is_writer():
+      tables.plot_against_fraction(rows, metric, path, labels=METHOD_LABELS, ylabel=f"{title} (%)",
+                                   title=f"{config.data.name}{data_note}: {title}, mean ± std over "
+                                         f"{len(config.seeds)} seed(s)")
     plots.append(path)
   pretraining = [record for record in records if record["method"] == "pretrain"]
   if pretraining and "probe/knn_accuracy" in pretraining[0]:
@@ -172,7 +175,7 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
   sections.append("## Every run\n\n" + tables.records_markdown(
       downstream, ["method", "fraction", "seed"], metrics, headers=headers))
   markdown = "\n".join(section for section in sections if section)
-  (root / "results.md").write_text(markdown)
+  writers.write_text(root / "results.md", markdown)
   return {"results_md": str(root / "results.md"), "results_csv": str(root / "results.csv"),
           "plots": [str(path) for path in plots], "rows": rows, "records": records, "markdown": markdown}
 

@@ -16,6 +16,7 @@ import pathlib
 
 import ml_collections
 
+from labeleff_jax import writers
 from labeleff_jax.experiments import runner
 from labeleff_jax.experiments import tables
 
@@ -91,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train
   root.mkdir(parents=True, exist_ok=True)
   if config.get("compilation_cache", True):
     runner.enable_compilation_cache(root / runner.CACHE_SUBDIR)
-  (root / "experiment_config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  writers.write_text(root / "experiment_config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   records = runner.execute(plan(config), root, desc=f"modality ablation ({config.fusion} fusion)",
                            train_fn=train_fn)
   runner.write_records(records, root / "runs.jsonl")
@@ -102,7 +103,8 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
   metrics = list(config.metrics)
   rows = tables.aggregate(records, ["row"], metrics)
   stem = "results"
-  tables.write_csv(rows, ["row"], metrics, root / f"{stem}.csv")
+  if writers.is_writer():  # with several processes, process 0 writes the tables
+    tables.write_csv(rows, ["row"], metrics, root / f"{stem}.csv")
   synthetic = bool(config.data.synthetic.get("num_patches", 0))
   data_note = " (synthetic data)" if synthetic else ""
   headers = {"row": "modalities", **METRIC_HEADERS}
@@ -117,6 +119,6 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
               f"Command: `{config.get('command', '')}`\n" if config.get("command", "") else "",
               table]
   markdown = "\n".join(section for section in sections if section)
-  (root / f"{stem}.md").write_text(markdown)
+  writers.write_text(root / f"{stem}.md", markdown)
   return {"results_md": str(root / f"{stem}.md"), "results_csv": str(root / f"{stem}.csv"), "rows": rows,
           "records": records, "markdown": markdown}

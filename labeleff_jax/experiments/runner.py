@@ -17,6 +17,8 @@ import jax
 import ml_collections
 import tqdm
 
+from labeleff_jax import writers
+
 SUMMARY = "summary.json"
 # Runs of one experiment compile the same step functions again and again (same shapes, new closures):
 # XLA's persistent cache turns every repeat into a cache read.
@@ -95,7 +97,7 @@ def execute(runs: Sequence[Run], root: str | pathlib.Path, *, split: str = "test
   train_fn = train_fn or default_train_fn
   records, ran, skipped = [], 0, 0
   progress = tqdm.tqdm(runs, desc=desc, unit="run", dynamic_ncols=True, position=0,
-                       disable=jax.process_index() != 0)
+                       disable=not writers.is_writer())
   for run in progress:
     workdir = root / run.name
     summary = read_summary(workdir)
@@ -103,8 +105,9 @@ def execute(runs: Sequence[Run], root: str | pathlib.Path, *, split: str = "test
       if before_run is not None:
         before_run(run)
       start = time.time()
-      train_fn(run.config, workdir)
-      summary = read_summary(workdir)
+      # The returned summary, not the file: with several processes only process 0 writes summary.json,
+      # and the others may get here before it has.
+      summary = train_fn(run.config, workdir) or read_summary(workdir)
       if summary is None:
         raise RuntimeError(f"run {run.name} finished without writing {workdir / SUMMARY}")
       ran += 1
@@ -116,7 +119,7 @@ def execute(runs: Sequence[Run], root: str | pathlib.Path, *, split: str = "test
     records.append({**run.keys, **metrics, "workdir": run.name, "skipped": outcome.startswith("done"),
                     "seconds": summary.get("wall_clock_seconds")})
     progress.set_postfix(trained=ran, skipped=skipped)
-    if jax.process_index() == 0:
+    if writers.is_writer():
       progress.write(f"{run.name}: {outcome}")
   progress.close()
   return records
@@ -125,5 +128,5 @@ def execute(runs: Sequence[Run], root: str | pathlib.Path, *, split: str = "test
 def write_records(records: Sequence[Mapping], path: str | pathlib.Path) -> pathlib.Path:
   """Every run's record as JSON lines (the raw material of the tables, one line per run and seed)."""
   path = pathlib.Path(path)
-  path.write_text("".join(json.dumps(dict(record), sort_keys=True) + "\n" for record in records))
+  writers.write_text(path, "".join(json.dumps(dict(record), sort_keys=True) + "\n" for record in records))
   return path
