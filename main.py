@@ -6,6 +6,8 @@ on the same workdir resumes from the latest checkpoint.
 
 import logging as std_logging
 import os
+import signal
+import sys
 
 from absl import app
 from absl import flags
@@ -21,6 +23,9 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a 
                     "(give --num_processes and --process_id too).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of the run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
+
+flags.DEFINE_bool("allow_config_change", False, "Continue the run in --workdir although its config differs "
+                  "from the one that wrote the checkpoints (recorded in WORKDIR/config_changes.jsonl).")
 
 _CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
@@ -67,6 +72,34 @@ def main(argv):
   if cluster is not None:
     jax.distributed.initialize(**cluster)
   from labeleff_jax import train  # pylint: disable=g-import-not-at-top
+  # SIGTERM (a scheduler's or `kill`'s stop): the run checkpoints at its next log step and ends cleanly.
+  signal.signal(signal.SIGTERM, lambda signum, frame: train.request_stop())
+  try:
+    run_experiment(train)
+  except train.RunStopped as stopped:
+    logging.warning("%s", stopped)
+    sys.exit(128 + signal.SIGTERM)
+  except _known_failures() as error:
+    # A failure the library diagnosed: its message is the whole story. Leaving through os._exit skips the
+    # interpreter shutdown, where orbax's and grain's background threads would otherwise bury it under
+    # pages of noise; the run's clean-up (input workers, workdir lock) has already happened.
+    print(f"\nerror: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _known_failures() -> tuple[type[Exception], ...]:
+  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import checkpoint, train, transfer, workdir
+  from labeleff_jax.data import splits
+  from labeleff_jax.experiments import runner
+  return (train.NonFiniteLossError, checkpoint.NonFiniteStateError, checkpoint.DamagedCheckpointError,
+          workdir.ConfigChangedError, workdir.WorkdirInUseError, runner.StaleRunsError, transfer.TransferError,
+          splits.DamagedDatasetError)
+
+
+def run_experiment(train):
+  """One training run, or a runner of many (label-fraction sweep, modality ablation), as the config says."""
+  import jax  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join("workdirs", "run")
   logging.info("devices: %s", jax.devices())
@@ -76,7 +109,7 @@ def main(argv):
     if jax.process_index() == 0:
       print(f"\n{results['markdown']}\nresults: {os.path.abspath(results['results_md'])}")
     return
-  summary = train.train_and_evaluate(config, workdir)
+  summary = train.train_and_evaluate(config, workdir, allow_config_change=flags.FLAGS.allow_config_change)
   if jax.process_index() == 0:
     final = summary["final"].get("test", {})
     metric = summary["main_metric"]

@@ -111,10 +111,23 @@ def make_tiny(config: ConfigDict) -> None:
   config.train.log_every_steps = 2
 
 
+def overridable_lists(config: ConfigDict) -> None:
+  """Turns every list of plain values into a tuple, the sequence type ml_collections lets the command line
+  override: `--config.data.modalities=s2 --config.data.modalities=s1` or `--config.data.modalities="('s2',
+  's1')"`. Lists of ConfigDicts (`tasks`) stay lists. Code that assigns a list later gets a tuple back."""
+  for key, value in config.items():
+    if isinstance(value, ConfigDict):
+      overridable_lists(value)
+    elif isinstance(value, list) and not any(isinstance(item, (dict, ConfigDict)) for item in value):
+      del config[key]  # an assignment would keep the list type
+      config[key] = tuple(value)
+
+
 def finalize(config: ConfigDict, arg: ConfigDict) -> ConfigDict:
   if arg.get("tiny", False):
     make_tiny(config)
   elif arg.get("synthetic", False):
     use_synthetic(config, 800)
+  overridable_lists(config)
   config.lock()
   return config

@@ -75,6 +75,14 @@ def check_same_everywhere(tree: Any, what: str) -> None:
                      "process must build it from the same config, seed and files")
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any of them (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
 def to_host(tree: Any) -> Any:
   """Every leaf as a numpy array holding its whole global value, in every process.
 

@@ -5,9 +5,11 @@ the jitted steps, checkpoint/resume, the loop, the final evaluation and the run'
 an experiment varies comes from the config; this file has no experiment-specific branches.
 """
 
+import contextlib
 import dataclasses
 import json
 import pathlib
+import threading
 import time
 import zlib
 from typing import Any
@@ -30,6 +32,7 @@ from labeleff_jax import plots
 from labeleff_jax import probe
 from labeleff_jax import sharding
 from labeleff_jax import transfer
+from labeleff_jax import workdir as workdir_lib
 from labeleff_jax import writers
 from labeleff_jax.data import constants
 from labeleff_jax.data import pipeline
@@ -39,6 +42,22 @@ from labeleff_jax.data import splits
 
 class NonFiniteLossError(FloatingPointError):
   """Raised on the host when the training loss turns NaN or infinite."""
+
+
+class RunStopped(Exception):
+  """The run was asked to stop (`request_stop`, e.g. on SIGTERM) and did, after checkpointing."""
+
+
+_stop_requested = threading.Event()
+
+
+def request_stop() -> None:
+  """Asks a running `train_and_evaluate` to stop at its next log step, after saving a checkpoint there.
+
+  Safe to call from a signal handler (main.py calls it on SIGTERM). With several processes, the run
+  stops when any of them was asked to.
+  """
+  _stop_requested.set()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,13 +183,80 @@ def evaluate(eval_step, state, rng_state, batches, objective) -> tuple[dict, Any
 # ---------------------------------------------------------------------------------------------------------
 # The experiment.
 # ---------------------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains, evaluates and writes every artefact of one run into `workdir`; returns the summary."""
-  start_time = time.time()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       allow_config_change: bool = False) -> dict:
+  """Trains, evaluates and writes every artefact of one run into `workdir`; returns the summary.
+
+  The workdir is locked while the run lives. A workdir that holds a run of another config is refused
+  (naming the keys that differ) unless `allow_config_change`, which is then recorded in
+  `config_changes.jsonl`; a finished run of the same config is not run again: its summary is returned.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.get("mesh", {}).get("data", -1))
   config_checks.check(config, num_data_devices=mesh.shape["data"])
+  lock = workdir_lib.WorkdirLock(workdir)
+  refusal = None
+  if writers.is_writer():  # process 0 owns the lock; every process learns whether it got it
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirInUseError as error:
+      refusal = error
+  if sharding.any_process(refusal is not None):
+    raise refusal or workdir_lib.WorkdirInUseError(f"workdir {workdir} is in use (see process 0's error)")
+  # Whatever ends the run (an error, SIGTERM turned into SystemExit by main.py, Ctrl-C), the input
+  # workers and the lock are released on the way out.
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(lock.release)
+    return _train_and_evaluate(config, workdir, mesh, allow_config_change, cleanup)
+
+
+def _check_identity(config, workdir: pathlib.Path, checkpointer, allow_config_change: bool) -> dict | None:
+  """Compares the config with the one that wrote the workdir's checkpoints, before anything is written.
+
+  Returns the finished run's summary when the workdir already holds this very run, complete.
+  """
+  run_identity = workdir_lib.identity(config)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    return None
+  meta = checkpointer.read_meta(latest) or {}
+  previous = meta.get("config")
+  if previous is None:  # checkpoints of an older version, or an unreadable meta (restore will tell)
+    return None
+  changed = workdir_lib.differences(previous, run_identity)
+  if changed and not allow_config_change:
+    raise workdir_lib.ConfigChangedError(
+        f"workdir {workdir} holds a run of another config (checkpoint step {latest}); changed keys:\n"
+        f"{workdir_lib.describe(changed)}\nUse another --workdir for the new config, or pass "
+        "--allow_config_change to continue this run with it deliberately (recorded in the workdir).")
+  if changed:
+    logging.warning("continuing the run in %s with a changed config (allowed):\n%s", workdir,
+                    workdir_lib.describe(changed))
+    record = {"resumed_at_step": latest, "changed": {key: list(pair) for key, pair in changed.items()}}
+    if writers.is_writer():
+      with (workdir / "config_changes.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return None
+  try:
+    summary = json.loads((workdir / "summary.json").read_text())
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+  if summary.get("config_fingerprint") == workdir_lib.fingerprint(run_identity) and summary.get("steps") == latest:
+    logging.info("%s holds this run, finished at step %d: nothing to do", workdir, latest)
+    return summary
+  return None
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, mesh, allow_config_change: bool,
+                        cleanup: contextlib.ExitStack) -> dict:
+  start_time = time.time()
+  run_identity = workdir_lib.identity(config)
+  checkpointer = checkpoint_lib.RunCheckpointer(workdir)
+  finished = _check_identity(config, workdir, checkpointer, allow_config_change)
+  if finished is not None:
+    checkpointer.close()
+    return finished
   writers.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   synthetic_note = " (synthetic data)" if splits.is_synthetic(config) else ""
 
@@ -185,6 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   stats = pipeline.normalization_stats(data_spec, sources["train"], workdir=workdir)
   train_iter = pipeline.make_train_iterator(data_spec, sources["train"], mesh, indices=train_indices,
                                             stats=stats)
+  cleanup.callback(train_iter.close)
   batch_size = data_spec.train_batch_size
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = config.train.get("max_steps", None) or config.train.num_epochs * steps_per_epoch
@@ -212,26 +299,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                                         num_classes=constants.LABELS[probe_label].num_classes)
     return result, first
 
-  # -- Checkpoints: resume from the workdir when it holds one ---------------------------------------------
-  checkpointer = checkpoint_lib.RunCheckpointer(workdir)
-  start_step = 0
-  latest = checkpointer.latest_step()
+  # -- Checkpoints: resume from the workdir's newest intact checkpoint ------------------------------------
+  start_step, pending = 0, []
+  latest = checkpointer.restore_latest(checkpoint_lib.abstract_like(nnx.to_pure_dict(state)))
   if latest is not None:
-    pure, data_state, meta = checkpointer.restore(latest, checkpoint_lib.abstract_like(nnx.to_pure_dict(state)))
+    _, pure, data_state, meta = latest
     nnx.replace_by_pure_dict(state, pure)
     train_iter.set_state(data_state)
     start_step = int(meta["step"])
+    # The metrics of the steps since the last log point, so that the next log point averages the same
+    # steps as it would have without the interruption.
+    pending = [{key: np.asarray(value, dtype) for key, (value, dtype) in record.items()}
+               for record in meta.get("pending_metrics", [])]
     logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
   writer = writers.MetricWriter(workdir, resume_step=start_step if latest is not None else None)
 
   def save(step):
-    checkpointer.save(step, nnx.to_pure_dict(state), train_iter.get_state(), {"step": step})
+    unlogged = [{key: [value.item(), str(value.dtype)] for key, value in record.items()}
+                for record in sharding.to_host(pending)]
+    checkpointer.save(step, nnx.to_pure_dict(state), train_iter.get_state(),
+                      {"step": step, "config": run_identity, "config_fingerprint": workdir_lib.fingerprint(run_identity),
+                       "pending_metrics": unlogged})
 
   # -- Loop -----------------------------------------------------------------------------------------------
   log_every = config.train.get("log_every_steps", 50)
   eval_every_epochs = config.train.get("eval_every_epochs", 1)
   checkpoint_every = config.train.get("checkpoint_every_steps", None) or steps_per_epoch
-  pending, train_images, train_seconds = [], 0, 0.0
+  train_images, train_seconds = 0, 0.0
   collapse_threshold = config.get("contrastive", {}).get("collapse_threshold", 0.05)
   collapsed_at = None
   progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not writers.is_writer(), mininterval=2.0,
@@ -265,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         means["epoch"] = done / steps_per_epoch
         writer.write(done, "train", means)
         progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_second']:.1f}")
-        progress.update(len(pending))
+        progress.update(done - progress.n)
         pending = []
         step_start = time.time()
       if done % steps_per_epoch == 0 and (done // steps_per_epoch) % eval_every_epochs == 0 \
@@ -275,6 +369,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         step_start = time.time()
       if done % checkpoint_every == 0 and done != total_steps:
         save(done)
+      if (done % log_every == 0 and done != total_steps) and sharding.any_process(_stop_requested.is_set()):
+        if done % checkpoint_every:
+          save(done)
+        checkpointer.wait()
+        raise RunStopped(f"stopped at step {done} as asked (SIGTERM), after checkpointing that step: run "
+                         "the same command again to continue")
     progress.close()
     if start_step < total_steps or latest is None:
       save(total_steps)
@@ -304,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "train_images_per_second": train_images / train_seconds if train_seconds else None,
       "synthetic_data": bool(synthetic_note),
       "transfer": transfer_report,
+      "config_fingerprint": workdir_lib.fingerprint(run_identity),
   }
   if pretraining:
     summary["collapsed_at_step"] = collapsed_at

@@ -105,8 +105,17 @@ def apply_mapping(target: dict, source: dict, mapping, dont_load=()) -> tuple[di
       loaded[target_path] = source_path
       matched += 1
     if matched == 0 and not mismatched:
-      raise TransferError(f"transfer.load '{source_prefix}={target_prefix}' matched no array; source "
-                          f"top-level keys: {sorted(source)}, target top-level keys: {sorted(target)}")
+      sources = [path for path in flat_source if _under(path, source_prefix)]
+      targets = [path for path in flat_target if _under(path, target_prefix)]
+      if sources and targets:  # both sides have arrays there, with other names: other architectures
+        raise TransferError(
+            f"transfer.load '{source_prefix}={target_prefix}' matched no array: the checkpoint and the model "
+            f"are different architectures under these prefixes (e.g. a U-Net checkpoint and a ResNet "
+            f"model). Checkpoint arrays: {sources[:3]} ...; model arrays: {targets[:3]} ... Use a checkpoint "
+            "of the same model.name, or map sub-trees that exist in both.")
+      raise TransferError(f"transfer.load '{source_prefix}={target_prefix}' matched no array; "
+                          f"{'no checkpoint' if not sources else 'no model'} array lies under that prefix "
+                          f"(checkpoint top-level keys: {sorted(source)}, model top-level keys: {sorted(target)})")
   if mismatched:
     raise TransferError("transfer: shape mismatch for\n  " + "\n  ".join(mismatched))
   used_sources = set(loaded.values())

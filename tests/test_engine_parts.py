@@ -154,8 +154,28 @@ def test_transfer_mapping_fails_loudly():
   target = {"head": {"kernel": np.zeros((3, 5))}}
   with pytest.raises(transfer.TransferError, match=r"projector/kernel \(3, 2\) -> head/kernel \(3, 5\)"):
     transfer.apply_mapping(target, source, [("projector", "head")])
-  with pytest.raises(transfer.TransferError, match="matched no array"):
+  with pytest.raises(transfer.TransferError, match="matched no array; no checkpoint array lies under"):
     transfer.apply_mapping(target, source, [("encoder", "backbone")])
+  # Arrays on both sides under the prefixes, none with the same name: another architecture, said so.
+  unet = {"backbone": {"down1": {"conv": {"kernel": np.ones((3, 3))}}}}
+  resnet = {"backbone": {"stem": {"conv": {"kernel": np.ones((7, 7))}}}}
+  with pytest.raises(transfer.TransferError, match="different architectures.*backbone/down1/conv/kernel"
+                                                   ".*backbone/stem/conv/kernel"):
+    transfer.apply_mapping(resnet, unet, [("backbone", "backbone")])
+
+
+def test_list_valued_config_keys_can_be_overridden_on_the_command_line(monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ["main.py", "--config=configs/early_fusion.py:tiny", "--config.data.modalities=s2",
+          "--config.data.modalities=dem", "--config.transfer.load=('backbone=backbone',)"]
+  monkeypatch.setattr("sys.argv", argv)  # config_flags finds the override flags in sys.argv
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
+  values(argv)
+  assert tuple(values.config.data.modalities) == ("s2", "dem")
+  assert tuple(values.config.transfer.load) == ("backbone=backbone",)
+  assert isinstance(values.config.tasks, list)  # lists of ConfigDicts stay lists
   with pytest.raises(transfer.TransferError, match="SOURCE=TARGET"):
     transfer._parse_mapping(["encoder"])  # pylint: disable=protected-access
 

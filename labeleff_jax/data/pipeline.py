@@ -30,10 +30,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
+import os
 import pathlib
+import threading
+import time
 from collections.abc import Mapping, Sequence
+from multiprocessing import shared_memory as multiprocessing_shared_memory
 
 from absl import flags
 import grain
@@ -240,7 +245,9 @@ def empty_batch(template: Mapping, rows: int, *, shared_memory: bool = False) ->
     leaf = np.asarray(leaf)
     shape = (rows,) + leaf.shape
     if shared_memory and leaf.nbytes * rows >= _MIN_SHARED_BYTES:
-      return grain.multiprocessing.SharedMemoryArray(shape, leaf.dtype)
+      size = math.prod(shape) * np.dtype(leaf.dtype).itemsize
+      block = multiprocessing_shared_memory.SharedMemory(_shared_memory_name(), create=True, size=size)
+      return grain.multiprocessing.SharedMemoryArray.from_shared_memory(block, shape, leaf.dtype)
     return _aligned_empty(shape, leaf.dtype)
   return jax.tree.map(empty, dict(template))
 
@@ -372,6 +379,41 @@ def _allow_grain_worker_processes() -> None:
     flag.present = 1
 
 
+_SHARED_MEMORY_PREFIX = "lej_"  # short: macOS allows 31 characters
+_shared_memory_blocks = itertools.count()
+
+
+def _shared_memory_name() -> str:
+  """A batch block's name, 'lej_PARENT_WORKER_N': a dead parent's leftovers can be found and removed."""
+  return f"{_SHARED_MEMORY_PREFIX}{os.getppid()}_{os.getpid()}_{next(_shared_memory_blocks)}"
+
+
+def _remove_shared_memory_of(parent: int) -> None:
+  """Unlinks every batch block made for `parent` that nobody unlinked (it died before reading them)."""
+  for path in pathlib.Path("/dev/shm").glob(f"{_SHARED_MEMORY_PREFIX}{parent}_*"):  # Linux's shm folder
+    path.unlink(missing_ok=True)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:  # pylint: disable=unused-argument
+  """grain worker init: the worker ends itself within a second of its parent's death, however it died.
+
+  A parent killed by SIGKILL cannot stop its workers; left alone they would block forever, keeping
+  Python's resource tracker alive, and the batches made but never read would stay in /dev/shm (grain
+  hands their ownership to the reader, so no tracker removes them). So the worker removes them, by name,
+  and exits. The parent is polled rather than watched with prctl(PR_SET_PDEATHSIG), which fires when the
+  *thread* that started the worker ends, and is Linux-only.
+  """
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    _remove_shared_memory_of(parent)
+    os._exit(1)  # pylint: disable=protected-access  (nothing else is worth running without the parent)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _check_picklable(rows: _Rows) -> None:
   import cloudpickle  # pylint: disable=g-import-not-at-top  (grain's own serialiser for its workers)
   try:
@@ -401,7 +443,8 @@ def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: i
   stream = grain.experimental.WithOptionsIterDataset(
       stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_BYTES))
   return iter(stream.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=num_workers, per_worker_buffer_size=max(1, -(-prefetch // num_workers)))))
+      num_workers=num_workers, per_worker_buffer_size=max(1, -(-prefetch // num_workers))),
+      worker_init_fn=_exit_with_parent))
 
 
 # ---------------------------------------------------------------------------------------------------------

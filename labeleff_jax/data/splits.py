@@ -8,6 +8,8 @@ opens as a random-access source (len, [i] -> the raw example dict) that the inpu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -46,6 +48,21 @@ def ensure_prepared(config) -> pathlib.Path:
   prepared = builder_lib.dataset_dir(data_dir, name)
   if (prepared / "dataset_info.json").exists():
     return prepared
+  if prepared.is_dir() and any(prepared.glob("*.array_record*")):
+    # Record files without the info TFDS writes last: damaged, or a preparation killed half-way that TFDS
+    # would take for finished ("Reusing dataset") and then fail on.
+    raise DamagedDatasetError(f"{prepared} holds record files but no dataset_info.json.\n"
+                              f"{rebuild_advice(config, prepared)}")
+  if jax.process_index() == 0:
+    # Two runs started together on fresh data would both write it: the second waits, then finds it.
+    with _one_preparer_at_a_time(data_dir):
+      return _prepare(config, builder_lib, data_dir, name, prepared)
+  return _prepare(config, builder_lib, data_dir, name, prepared)
+
+
+def _prepare(config, builder_lib, data_dir: pathlib.Path, name: str, prepared: pathlib.Path) -> pathlib.Path:
+  if (prepared / "dataset_info.json").exists() and jax.process_count() == 1:
+    return prepared  # prepared by another run while this one waited for the lock
   manual_dir = pathlib.Path(config.data.manual_dir).expanduser()
   if is_synthetic(config) and jax.process_index() == 0 and not (manual_dir / name).exists():
     from data_builders.ben_ge import synthetic  # pylint: disable=g-import-not-at-top
@@ -64,6 +81,15 @@ def ensure_prepared(config) -> pathlib.Path:
     prepared = builder_lib.prepare(manual_dir, data_dir, name)
   _wait_for_every_process("ben_ge prepared")
   return prepared
+
+
+@contextlib.contextmanager
+def _one_preparer_at_a_time(data_dir: pathlib.Path):
+  """Serialises the runs of this machine that prepare data into `data_dir` (an flock, released at exit)."""
+  data_dir.mkdir(parents=True, exist_ok=True)
+  with open(data_dir / ".prepare.lock", "w") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another run writes or prepares
+    yield
 
 
 def open_splits(config) -> dict:
@@ -115,14 +141,20 @@ def open_split(config, split: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy, only needed here)
 
   split = SPLIT_ALIASES.get(split, split)
-  builder = tfds.builder_from_directory(prepared_dataset_dir(config))
-  if split not in builder.info.splits:
-    raise ValueError(f"Split '{split}' not in the prepared dataset; it has {sorted(builder.info.splits)}.")
-  decoder = RecordDecoder.for_features(builder.info.features)
-  if decoder is None:
-    return builder.as_data_source(split=split)
-  records = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  source = DecodedSource(records, decoder)
+  directory = prepared_dataset_dir(config)
+  where = f"split '{split}' of the prepared dataset {directory}"
+  advice = rebuild_advice(config, directory)
+  try:
+    builder = tfds.builder_from_directory(directory)
+    if split not in builder.info.splits:
+      raise ValueError(f"Split '{split}' not in the prepared dataset; it has {sorted(builder.info.splits)}.")
+    decoder = RecordDecoder.for_features(builder.info.features)
+    if decoder is None:
+      return DecodedSource(builder.as_data_source(split=split), None, where=where, advice=advice)
+    records = builder.as_data_source(split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  except (OSError, ValueError, RuntimeError) as error:
+    raise DamagedDatasetError(f"cannot open {where}: {error}\n{advice}") from error
+  source = DecodedSource(records, decoder, where=where, advice=advice)
   # One example checked against TFDS itself, so that a TFDS release that decodes differently costs speed,
   # never correctness.
   if len(source):
@@ -133,8 +165,21 @@ def open_split(config, split: str):
     if not same:
       logging.warning("open_split: RecordDecoder disagrees with TFDS on split '%s'; using TFDS's decoding.",
                       split)
-      return builder.as_data_source(split=split)
+      return DecodedSource(builder.as_data_source(split=split), None, where=where, advice=advice)
   return source
+
+
+class DamagedDatasetError(RuntimeError):
+  """The prepared dataset's files cannot be read as written."""
+
+
+def rebuild_advice(config, directory) -> str:
+  """The commands that rebuild a damaged prepared dataset from its raw files."""
+  data_dir = pathlib.Path(_data_dir(config))
+  manual_dir = pathlib.Path(str(config.data.get("manual_dir", "") or "~/ben-ge-downloads")).expanduser()
+  return (f"The prepared files are damaged or incomplete; rebuild them from the raw data with:\n"
+          f"  rm -rf {directory} && python -m data_builders.ben_ge.build --manual_dir {manual_dir} "
+          f"--data_dir {data_dir} --config {config.data.name}")
 
 
 class RecordDecoder:
@@ -199,17 +244,24 @@ class RecordDecoder:
 
 
 class DecodedSource:
-  """A random-access source of decoded examples over a source of serialised records."""
+  """A random-access source of decoded examples over a source of records (serialised, or decoded by
+  TFDS when `decoder` is None); a record that cannot be read raises DamagedDatasetError naming the split,
+  the example and the commands that rebuild the dataset."""
 
-  def __init__(self, records, decoder: RecordDecoder):
+  def __init__(self, records, decoder: RecordDecoder | None, *, where: str = "", advice: str = ""):
     self._records = records
     self._decoder = decoder
+    self._where, self._advice = where, advice
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, index: int) -> dict:
-    return self._decoder(self._records[index])
+    try:
+      record = self._records[index]
+    except (OSError, ValueError, RuntimeError) as error:  # array_record: "Corrupted Riegeli/records file"
+      raise DamagedDatasetError(f"cannot read example {index} of {self._where}: {error}\n{self._advice}") from error
+    return record if self._decoder is None else self._decoder(record)
 
 
 def _same_example(ours: Mapping, theirs: Mapping) -> bool:

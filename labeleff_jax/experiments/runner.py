@@ -1,8 +1,9 @@
 """Runs a list of experiment configs one after another, skipping every run whose results already exist.
 
-A run is finished when its workdir holds `summary.json` (the engine writes it last). Finished runs are
-read, not retrained; an interrupted run is simply started again and the engine resumes it from its
-latest checkpoint. So an experiment command can be stopped and repeated at any time.
+A run is finished when its workdir holds `summary.json` (the engine writes it last). Finished runs of the
+same config (same fingerprint, labeleff_jax/workdir.py) are read, not retrained; finished runs of another
+config are refused by name before anything trains; an interrupted run is simply started again and the
+engine resumes it from its latest checkpoint. So an experiment command can be stopped and repeated.
 """
 
 import copy
@@ -17,6 +18,7 @@ import jax
 import ml_collections
 import tqdm
 
+from labeleff_jax import workdir as workdir_lib
 from labeleff_jax import writers
 
 SUMMARY = "summary.json"
@@ -40,6 +42,21 @@ def read_summary(workdir: str | pathlib.Path) -> dict | None:
     return json.loads(path.read_text())
   except (FileNotFoundError, json.JSONDecodeError):
     return None
+
+
+class StaleRunsError(RuntimeError):
+  """Finished runs in the experiment folder whose config is not the one the experiment would run."""
+
+
+def stale_runs(runs: Sequence[Run], root: pathlib.Path) -> list[str]:
+  """Names of the finished runs whose summary carries another config fingerprint than the run's config."""
+  stale = []
+  for run in runs:
+    summary = read_summary(root / run.name)
+    wanted = workdir_lib.fingerprint(workdir_lib.identity(run.config))
+    if summary is not None and summary.get("config_fingerprint") != wanted:
+      stale.append(run.name)
+  return stale
 
 
 def final_metrics(summary: Mapping, split: str = "test") -> dict:
@@ -89,12 +106,23 @@ def execute(runs: Sequence[Run], root: str | pathlib.Path, *, split: str = "test
             train_fn: Callable | None = None, before_run: Callable[[Run], None] | None = None) -> list[dict]:
   """Runs (or reads) every run in order; returns one record per run: its keys plus its final metrics.
 
-  `before_run(run)` is called just before a run trains (not for skipped runs): runners use it to fill
-  in what depends on earlier runs or on the data (e.g. a batch size that fits the labelled subset).
+  `before_run(run)` is called for every run before any trains: runners use it to fill in what depends
+  on the data (e.g. a batch size that fits the labelled subset). A finished run is reused only when its
+  summary's config fingerprint matches the run's config; otherwise StaleRunsError names the stale runs
+  before anything trains.
   Records also carry `workdir`, `skipped` and the run's `seconds` (its own wall clock).
   """
   root = pathlib.Path(root)
   train_fn = train_fn or default_train_fn
+  if before_run is not None:
+    for run in runs:
+      before_run(run)
+  stale = stale_runs(runs, root)
+  if stale:
+    raise StaleRunsError(
+        f"{len(stale)} finished run(s) under {root} were made by another config than this experiment would "
+        f"use now: {', '.join(stale[:8])}{' ...' if len(stale) > 8 else ''}. Their results would be mixed "
+        "into the tables: delete those run folders to retrain them, or give the experiment another workdir.")
   records, ran, skipped = [], 0, 0
   progress = tqdm.tqdm(runs, desc=desc, unit="run", dynamic_ncols=True, position=0,
                        disable=not writers.is_writer())
@@ -102,8 +130,6 @@ def execute(runs: Sequence[Run], root: str | pathlib.Path, *, split: str = "test
     workdir = root / run.name
     summary = read_summary(workdir)
     if summary is None:
-      if before_run is not None:
-        before_run(run)
       start = time.time()
       # The returned summary, not the file: with several processes only process 0 writes summary.json,
       # and the others may get here before it has.
