@@ -295,3 +295,29 @@ def test_a_deleted_dataset_info_is_reported_and_the_advised_commands_rebuild_it(
   rebuilt = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
   assert len(splits.open_split(config, "train")) == tiny_data.SPLIT_SIZES["train"]
+
+
+def test_experiment_runners_reuse_only_finished_runs_of_the_same_config(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from labeleff_jax.experiments import runner  # pylint: disable=g-import-not-at-top
+  trained = []
+
+  def fake_train(config, workdir):
+    trained.append(workdir.name)
+    summary = {"config_fingerprint": workdir_lib.fingerprint(workdir_lib.identity(config)),
+               "final": {"test": {"accuracy": config.optimizer.learning_rate}}}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+  def runs(rate_b):
+    make = lambda rate: ml_collections.ConfigDict({"optimizer": {"learning_rate": rate}})  # noqa: E731
+    return [runner.Run("a", make(0.1), {"run": "a"}), runner.Run("b", make(rate_b), {"run": "b"})]
+
+  runner.execute(runs(0.2), tmp_path, train_fn=fake_train)
+  assert trained == ["a", "b"]
+  again = runner.execute(runs(0.2), tmp_path, train_fn=fake_train)
+  assert trained == ["a", "b"] and all(record["skipped"] for record in again)
+  with pytest.raises(runner.StaleRunsError, match=r"another config than this experiment would use now: b\."):
+    runner.execute(runs(0.3), tmp_path, train_fn=fake_train)
+  assert trained == ["a", "b"]  # refused before anything trained
