@@ -321,3 +321,20 @@ def test_experiment_runners_reuse_only_finished_runs_of_the_same_config(tmp_path
   with pytest.raises(runner.StaleRunsError, match=r"another config than this experiment would use now: b\."):
     runner.execute(runs(0.3), tmp_path, train_fn=fake_train)
   assert trained == ["a", "b"]  # refused before anything trained
+
+
+def test_two_runs_preparing_the_same_fresh_data_take_turns(tmp_path):
+  script = (
+      "import sys; from configs import supervised; from labeleff_jax.data import splits\n"
+      "config = supervised.get_config('tiny')\n"
+      "config.data.data_dir, config.data.manual_dir = sys.argv[1], sys.argv[2]\n"
+      "print(len(splits.open_splits(config)['train']))\n")
+  command = [sys.executable, "-c", script, str(tmp_path / "tfds"), str(tmp_path / "manual")]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  both = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for _ in range(2)]
+  for process in both:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert out.split()[-1] == str(tiny_data.SPLIT_SIZES["train"])
+  assert not list(tmp_path.rglob("*.partial*")) and not list(tmp_path.rglob("*incomplete*"))
