@@ -280,7 +280,7 @@ def test_a_truncated_record_file_is_named_with_the_commands_that_rebuild_it(data
     for index in range(len(source)):
       source[index]  # pylint: disable=pointless-statement
   message = str(damaged.value)
-  assert "split 'train'" in message and str(prepared) in message
+  assert "split 'train'" in message and str(prepared) in message and shard.name in message
   assert f"rm -rf {prepared} && python -m data_builders.ben_ge.build" in message
 
 

@@ -142,7 +142,8 @@ def open_split(config, split: str):
 
   split = SPLIT_ALIASES.get(split, split)
   directory = prepared_dataset_dir(config)
-  where = f"split '{split}' of the prepared dataset {directory}"
+  files = sorted(path.name for path in pathlib.Path(directory).glob(f"*-{split}.array_record*"))
+  where = f"split '{split}' of the prepared dataset {directory} (files {', '.join(files) or 'missing'})"
   advice = rebuild_advice(config, directory)
   try:
     builder = tfds.builder_from_directory(directory)
