@@ -4,6 +4,7 @@ All logic lives in `labeleff_jax.train.train_and_evaluate`; this file only parse
 on the same workdir resumes from the latest checkpoint.
 """
 
+import errno
 import logging as std_logging
 import os
 import signal
@@ -83,8 +84,35 @@ def main(argv):
     # A failure the library diagnosed: its message is the whole story. Leaving through os._exit skips the
     # interpreter shutdown, where orbax's and grain's background threads would otherwise bury it under
     # pages of noise; the run's clean-up (input workers, workdir lock) has already happened.
-    print(f"\nerror: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-    os._exit(1)  # pylint: disable=protected-access
+    _exit_with(f"{type(error).__name__}: {error}")
+  except Exception as error:  # pylint: disable=broad-except
+    if not _out_of_space(error):
+      raise
+    first_line = str(error).strip().splitlines()[0][:600]
+    _exit_with(f"writing the run's files failed: the disk is full or a file size limit was hit ({first_line}). "
+               "Free space (or choose another --workdir) and run the same command again: the run resumes "
+               "from its last complete checkpoint.")
+
+
+def _exit_with(message: str) -> None:
+  print(f"\nerror: {message}", file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _out_of_space(error: BaseException) -> bool:
+  """Whether `error` (or what it was raised from) is a write that found no space: orbax reports those
+  from its writer threads as ValueErrors carrying the OS error code in the message."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+      return True
+    if any(f"os_error_code='{code}'" in str(error) for code in _NO_SPACE) or \
+        any(os.strerror(code) in str(error) for code in _NO_SPACE):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _known_failures() -> tuple[type[Exception], ...]:

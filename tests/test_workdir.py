@@ -338,3 +338,20 @@ def test_two_runs_preparing_the_same_fresh_data_take_turns(tmp_path):
     assert process.returncode == 0, err[-3000:]
     assert out.split()[-1] == str(tiny_data.SPLIT_SIZES["train"])
   assert not list(tmp_path.rglob("*.partial*")) and not list(tmp_path.rglob("*incomplete*"))
+
+
+def test_a_full_disk_ends_the_output_with_what_to_do(data_dirs, tmp_path):
+  import resource  # pylint: disable=g-import-not-at-top
+
+  def small_files_only():  # in the child: files above 100 kB cannot be written, as on a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+  command = [sys.executable, "main.py", "--config", "configs/supervised.py:tiny", "--workdir", str(tmp_path),
+             f"--config.data.data_dir={data_dirs['data_dir']}", f"--config.data.manual_dir={data_dirs['manual_dir']}"]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=small_files_only,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1
+  last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+  assert last.startswith("error: writing the run's files failed: the disk is full") and "File too large" in last
+  assert not (tmp_path / "summary.json").exists()
