@@ -23,7 +23,8 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with JA
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a cluster JAX cannot detect "
                     "(give --num_processes and --process_id too).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of the run (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None,
+                     "This process's index, 0..num_processes-1 (with --coordinator_address).")
 
 flags.DEFINE_bool("allow_config_change", False, "Continue the run in --workdir although its config differs "
                   "from the one that wrote the checkpoints (recorded in WORKDIR/config_changes.jsonl).")
@@ -89,7 +90,8 @@ def main(argv):
     if not _out_of_space(error):
       raise
     first_line = str(error).strip().splitlines()[0][:600]
-    _exit_with(f"writing the run's files failed: the disk is full or a file size limit was hit ({first_line}). "
+    _exit_with(f"writing the run's files failed: the disk is full or a file size limit was hit "
+               f"({first_line}). "
                "Free space (or choose another --workdir) and run the same command again: the run resumes "
                "from its last complete checkpoint.")
 
@@ -121,8 +123,8 @@ def _known_failures() -> tuple[type[Exception], ...]:
   from labeleff_jax.data import splits
   from labeleff_jax.experiments import runner
   return (train.NonFiniteLossError, checkpoint.NonFiniteStateError, checkpoint.DamagedCheckpointError,
-          workdir.ConfigChangedError, workdir.WorkdirInUseError, runner.StaleRunsError, transfer.TransferError,
-          splits.DamagedDatasetError)
+          workdir.ConfigChangedError, workdir.WorkdirInUseError, runner.StaleRunsError,
+          transfer.TransferError, splits.DamagedDatasetError)
 
 
 def run_experiment(train):

@@ -52,7 +52,8 @@ class RunCheckpointer:
     self.quarantine = self.directory.with_name("checkpoints_damaged")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data", "meta"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -85,7 +86,8 @@ class RunCheckpointer:
     expected = meta.get("checksums")
     if expected is not None:
       actual = checksums(sharding.to_host(state))
-      differing = sorted(key for key in expected.keys() | actual.keys() if expected.get(key) != actual.get(key))
+      differing = sorted(key for key in expected.keys() | actual.keys()
+                         if expected.get(key) != actual.get(key))
       if differing:
         raise DamagedCheckpointError(f"{len(differing)} arrays differ from the checksums written with them "
                                      f"(first: {differing[0]})")

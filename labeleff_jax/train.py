@@ -242,7 +242,8 @@ def _check_identity(config, workdir: pathlib.Path, checkpointer, allow_config_ch
     summary = json.loads((workdir / "summary.json").read_text())
   except (FileNotFoundError, json.JSONDecodeError):
     return None
-  if summary.get("config_fingerprint") == workdir_lib.fingerprint(run_identity) and summary.get("steps") == latest:
+  same_run = summary.get("config_fingerprint") == workdir_lib.fingerprint(run_identity)
+  if same_run and summary.get("steps") == latest:
     logging.info("%s holds this run, finished at step %d: nothing to do", workdir, latest)
     return summary
   return None
@@ -318,8 +319,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, allow_config_change
     unlogged = [{key: [value.item(), str(value.dtype)] for key, value in record.items()}
                 for record in sharding.to_host(pending)]
     checkpointer.save(step, nnx.to_pure_dict(state), train_iter.get_state(),
-                      {"step": step, "config": run_identity, "config_fingerprint": workdir_lib.fingerprint(run_identity),
-                       "pending_metrics": unlogged})
+                      {"step": step, "config": run_identity, "pending_metrics": unlogged,
+                       "config_fingerprint": workdir_lib.fingerprint(run_identity)})
 
   # -- Loop -----------------------------------------------------------------------------------------------
   log_every = config.train.get("log_every_steps", 50)
@@ -328,7 +329,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, allow_config_change
   train_images, train_seconds = 0, 0.0
   collapse_threshold = config.get("contrastive", {}).get("collapse_threshold", 0.05)
   collapsed_at = None
-  progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not writers.is_writer(), mininterval=2.0,
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not writers.is_writer(),
+                       mininterval=2.0,
                        desc="train", dynamic_ncols=True)
   step_start = time.time()
   with jax.set_mesh(mesh):

@@ -115,7 +115,8 @@ def apply_mapping(target: dict, source: dict, mapping, dont_load=()) -> tuple[di
             "of the same model.name, or map sub-trees that exist in both.")
       raise TransferError(f"transfer.load '{source_prefix}={target_prefix}' matched no array; "
                           f"{'no checkpoint' if not sources else 'no model'} array lies under that prefix "
-                          f"(checkpoint top-level keys: {sorted(source)}, model top-level keys: {sorted(target)})")
+                          f"(checkpoint top-level keys: {sorted(source)}, model top-level keys: "
+                          f"{sorted(target)})")
   if mismatched:
     raise TransferError("transfer: shape mismatch for\n  " + "\n  ".join(mismatched))
   used_sources = set(loaded.values())

@@ -96,7 +96,8 @@ class WorkdirLock:
       handle.close()
       raise WorkdirInUseError(
           f"workdir {self.path.parent} is in use by {holder}: wait for that run to end, stop it, or choose "
-          "another --workdir (two runs in one workdir would interleave their checkpoints and metrics)") from None
+          "another --workdir (two runs in one workdir would interleave their checkpoints and "
+          "metrics)") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")

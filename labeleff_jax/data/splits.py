@@ -261,7 +261,8 @@ class DecodedSource:
     try:
       record = self._records[index]
     except (OSError, ValueError, RuntimeError) as error:  # array_record: "Corrupted Riegeli/records file"
-      raise DamagedDatasetError(f"cannot read example {index} of {self._where}: {error}\n{self._advice}") from error
+      raise DamagedDatasetError(
+          f"cannot read example {index} of {self._where}: {error}\n{self._advice}") from error
     return record if self._decoder is None else self._decoder(record)
 
 

@@ -129,7 +129,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train
   root.mkdir(parents=True, exist_ok=True)
   if config.get("compilation_cache", True):
     runner.enable_compilation_cache(root / runner.CACHE_SUBDIR)
-  writers.write_text(root / "experiment_config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  writers.write_text(root / "experiment_config.json",
+                     config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   runs = plan(config, root)
   records = runner.execute(runs, root, desc="label-fraction sweep", train_fn=train_fn,
                            before_run=_BatchSizer(config))
