@@ -26,7 +26,9 @@ def collect_features(embed: Callable, batches: Iterable[dict], label: str,
     rows = host["valid"].astype(bool)
     if keep is not None:
       index = host["index"]
-      rows &= (index >= 0) & (index < len(keep)) & keep[np.clip(index, 0, max(len(keep) - 1, 0))]
+      inside = (index >= 0) & (index < len(keep))  # rows beyond the largest kept index are not kept
+      rows &= inside
+      rows[inside] &= keep[index[inside]]
     features.append(np.asarray(host["features"], np.float32)[rows])
     labels.append(np.asarray(host["label"])[rows])
   return np.concatenate(features), np.concatenate(labels)

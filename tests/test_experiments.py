@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,8 +13,10 @@ import pytest
 from configs import ablation_modalities
 from configs import sweep_label_fraction
 from labeleff_jax import experiments
+from labeleff_jax import train
 from labeleff_jax import transfer
 from labeleff_jax.data import label_fraction
+from labeleff_jax.data import pipeline
 from labeleff_jax.data import splits
 from labeleff_jax.experiments import label_fraction_sweep
 from labeleff_jax.experiments import modality_ablation
@@ -107,27 +110,53 @@ def test_configs_reject_unknown_rows_and_methods(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Tiny experiments end to end.
 # ---------------------------------------------------------------------------------------------------------
-def test_label_fraction_sweep_tiny_is_complete_and_resumes(data_dirs, tmp_path):
+def test_label_fraction_sweep_tiny_is_complete_and_resumes(data_dirs, tmp_path, monkeypatch):
   config = _with_data(sweep_label_fraction.get_config("tiny,seeds=1,fractions=0.5:1.0"), data_dirs)
-  results = experiments.run(config, tmp_path)
+  # Records the source indices every run's training iterator is built on, by run folder: equal counts would
+  # not tell two stratified subsets of one size apart.
+  trained_on, running = {}, []
+  make_train_iterator = pipeline.make_train_iterator
+
+  def recording_iterator(*args, **kwargs):
+    iterator = make_train_iterator(*args, **kwargs)
+    trained_on[running[-1]] = iterator.indices
+    return iterator
+
+  def recording_train(run_config, workdir):
+    running.append(pathlib.Path(workdir).relative_to(tmp_path).as_posix())
+    return train.train_and_evaluate(run_config, workdir)
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", recording_iterator)
+  results = experiments.run(config, tmp_path, train_fn=recording_train)
+  assert sorted(trained_on) == sorted(running) and len(running) == 7
 
   written = tables.read_csv(tmp_path / "results.csv")
   assert [(row["fraction"], row["method"]) for row in written] == [
       (fraction, method) for fraction in ("0.5", "1.0") for method in ("scratch", "finetune", "linear_probe")]
+  # One seed: each cell is its run's own final test metric.
   for row in written:
+    summary = runner.read_summary(tmp_path / row["method"] / f"frac{float(row['fraction']):g}" / "seed0")
     for metric in config.metrics:
-      assert row[f"{metric}_n"] == "1" and 0.0 <= float(row[f"{metric}_mean"]) <= 1.0
+      assert row[f"{metric}_n"] == "1"
+      assert float(row[f"{metric}_mean"]) == pytest.approx(summary["final"]["test"][metric], abs=1e-12)
   assert "contrastive + linear probe" in (tmp_path / "results.md").read_text()
   assert (tmp_path / "lulc_top_accuracy_vs_fraction.png").is_file()
 
-  # All methods of one fraction trained on the same labelled subset, which an independent selection gives.
+  # All methods of one fraction trained on the very same labelled examples, the independent selection's;
+  # pretraining on every training image.
   source = splits.open_split(_with_data(runner.clone(config.downstream), data_dirs), "train")
   labels = np.array([int(source[i]["lulc_top"]) for i in range(len(source))])
+  np.testing.assert_array_equal(np.sort(trained_on["pretrain/seed0"]), np.arange(len(source)))
   for fraction in (0.5, 1.0):
-    expected = len(label_fraction.label_fraction_indices(labels, fraction, 0))
+    expected = label_fraction.label_fraction_indices(labels, fraction, 0)
+    # Stratified: ceil(fraction * n) of each class's n examples.
+    np.testing.assert_array_equal(np.bincount(labels[expected], minlength=11),
+                                  np.ceil(fraction * np.bincount(labels, minlength=11)))
     for method in ("scratch", "finetune", "linear_probe"):
-      summary = runner.read_summary(tmp_path / method / f"frac{fraction:g}" / "seed0")
-      assert summary["train_examples"] == expected
+      name = f"{method}/frac{fraction:g}/seed0"
+      np.testing.assert_array_equal(np.sort(trained_on[name]), expected, err_msg=name)
+      summary = runner.read_summary(tmp_path / name)
+      assert summary["train_examples"] == len(expected)
       assert summary["steps"] == config.steps
       assert (summary["transfer"] is None) == (method == "scratch")
 
@@ -159,13 +188,13 @@ def test_modality_ablation_tiny_is_complete_and_resumes_through_main(data_dirs, 
   for row in written:
     for metric in config.metrics:
       assert row[f"{metric}_n"] == "2"
-      assert 0.0 <= float(row[f"{metric}_mean"]) <= 1.0 and math.isfinite(float(row[f"{metric}_std"]))
-  # Each cell is the mean of its two seeds' test metrics, read straight from their summaries.
+  # Each cell is the mean and sample std of its two seeds' test metrics, read straight from their summaries.
   for row in written:
     for metric in config.metrics:
       values = [runner.read_summary(tmp_path / "late" / row["row"] / f"seed{seed}")["final"]["test"][metric]
                 for seed in (0, 1)]
       assert float(row[f"{metric}_mean"]) == pytest.approx(np.mean(values), abs=1e-12)
+      assert float(row[f"{metric}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
   season = json.loads((tmp_path / "late" / "Season" / "seed0" / "config.json").read_text())
   assert season["data"]["modalities"] == ["season"] and season["model"]["fusion"] == "late"
 

@@ -1,4 +1,4 @@
-"""Tests of labeleff_jax.losses against numpy computations, and of NT-Xent under 8-device sharding."""
+"""Tests of labeleff_jax.losses and the embedding spread against numpy; NT-Xent on 8 sharded devices."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from labeleff_jax import losses
+from labeleff_jax import objectives
 from labeleff_jax.data import constants
 
 NUM_DEVICES = 8
@@ -335,3 +336,22 @@ def test_nt_xent_called_inside_a_users_shard_map_uses_the_global_batch():
   with jax.set_mesh(mesh):
     result = jax.jit(per_device)(jax.device_put(z_a, P("data")), jax.device_put(z_b, P("data")))
   np.testing.assert_allclose(float(result), expected, rtol=1e-5)
+
+
+def test_embedding_spread_of_constructed_embeddings():
+  # Half the rows along +e1, half along -e1 (any lengths: they are normalised first), in D = 4: per-dimension
+  # std 1, 0, 0, 0, so the spread is mean(std) * sqrt(D) = 1/4 * 2 = 0.5.
+  z = np.zeros((6, 4), np.float32)
+  z[:, 0] = [3.0, -1.0, 0.5, -2.0, 7.0, -0.1]
+  assert float(objectives.embedding_spread(jnp.asarray(z))) == pytest.approx(0.5, rel=1e-6)
+  # Collapse: every row the same direction.
+  assert float(objectives.embedding_spread(jnp.asarray(np.abs(z)))) == pytest.approx(0.0, abs=1e-6)
+  # A random cloud against numpy; masked rows (here planted far off) do not count.
+  rng = np.random.default_rng(0)
+  cloud = rng.normal(size=(10, 5)).astype(np.float32)
+  mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], np.float32)
+  cloud[mask == 0] = 100.0
+  unit = cloud / np.linalg.norm(cloud, axis=1, keepdims=True)
+  expected = np.mean(unit[mask == 1].std(axis=0)) * np.sqrt(5)
+  got = objectives.embedding_spread(jnp.asarray(cloud), jnp.asarray(mask))
+  assert float(got) == pytest.approx(expected, rel=1e-5)

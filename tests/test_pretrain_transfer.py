@@ -10,8 +10,14 @@ import pytest
 from configs import contrastive
 from configs import finetune
 from labeleff_jax import models
+from labeleff_jax import sharding
 from labeleff_jax import train
 from labeleff_jax import transfer
+from labeleff_jax.data import constants
+from labeleff_jax.data import label_fraction
+from labeleff_jax.data import pipeline
+from labeleff_jax.data import splits
+from tests import test_probe
 from tests import tiny_data
 
 S2_ENCODER = "backbone/encoders/s2"
@@ -22,9 +28,12 @@ _with_data = tiny_data.point_at
 
 @pytest.fixture(scope="module")
 def pretrained(data_dirs, tmp_path_factory):
-  """A tiny S2/S1 dual-encoder pretraining run (4 epochs of 4 steps)."""
+  """A tiny S2/S1 dual-encoder pretraining run (4 epochs of 4 steps); the probe's bank is half the labels."""
   workdir = tmp_path_factory.mktemp("pretrain")
   config = _with_data(contrastive.get_config("tiny"), data_dirs)
+  # Pretraining still sees every training image; only the probe's memory bank is limited to the labelled half.
+  config.data.label_fraction = 0.5
+  config.probe.k = 5  # fewer than the 19 labelled examples, so the vote's top-k selection matters
   config.train.num_epochs = 4
   config.optimizer.learning_rate = 3e-3
   config.train.log_every_steps = 1
@@ -48,10 +57,53 @@ def test_contrastive_pretraining_lowers_the_loss_and_logs_its_diagnostics(pretra
   assert {"matching_accuracy", "embedding_spread"} <= set(train_record)
   for split in ("validation", "test"):
     final = summary["final"][split]
-    assert 0.0 <= final["probe/knn_accuracy"] <= 1.0
     assert 0.0 <= final["contrastive/matching_accuracy"] <= 1.0
     assert np.isfinite(final["contrastive/loss"])
   assert summary["num_params"] > 0 and "collapsed_at_step" in summary
+
+
+def _features(model, config, split, stats):
+  """(features, lulc_top labels) of every real example of `split`: the model applied batch by batch."""
+  spec = pipeline.DataSpec.from_config(config)
+  features, labels, indices = [], [], []
+  for batch in pipeline.make_eval_batches(spec, splits.open_split(config, split), sharding.make_mesh(-1),
+                                          stats=stats):
+    valid = np.asarray(batch["valid"]).astype(bool)
+    features.append(np.asarray(model.features(batch["inputs"]), np.float64)[valid])
+    labels.append(np.asarray(batch["labels"]["lulc_top"])[valid])
+    indices.append(np.asarray(batch["index"])[valid])
+  assert np.array_equal(np.concatenate(indices), np.arange(tiny_data.SPLIT_SIZES[split]))
+  return np.concatenate(features), np.concatenate(labels)
+
+
+def _recomputed_knn(workdir, config, split):
+  """The k-NN accuracy on `split` recomputed outside the engine: the final weights from the checkpoint in a
+  model of our own; the bank the labelled training subset (label_fraction's draw, stratified by
+  data.stratify_by); the numpy vote of tests/test_probe.py."""
+  model = models.create_model(config, rngs=nnx.Rngs(0))
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, transfer.load_checkpoint_model_state(workdir))
+  nnx.update(model, state)
+  model.eval()
+  stats = pipeline.normalization_stats(pipeline.DataSpec.from_config(config),
+                                       splits.open_split(config, "train"), workdir=workdir)
+  bank, bank_labels = _features(model, config, "train", stats)
+  train_split = splits.open_split(config, "train")
+  strata = np.array([int(train_split[i][config.data.stratify_by]) for i in range(len(train_split))])
+  labelled = label_fraction.label_fraction_indices(strata, config.data.label_fraction,
+                                                   config.data.label_fraction_seed)
+  queries, query_labels = _features(model, config, split, stats)
+  return test_probe.reference_knn(bank[labelled], bank_labels[labelled], queries, query_labels,
+                                  config.probe.k, constants.LABELS["lulc_top"].num_classes, 0.07)
+
+
+def test_the_final_knn_accuracy_is_the_vote_on_the_checkpoints_features(pretrained, data_dirs):
+  workdir, summary = pretrained
+  config = _with_data(contrastive.get_config("tiny"), data_dirs)
+  config.data.label_fraction, config.probe.k = 0.5, 5  # as the fixture's run
+  for split in ("validation", "test"):
+    expected = _recomputed_knn(workdir, config, split)
+    assert summary["final"][split]["probe/knn_accuracy"] == pytest.approx(expected, abs=1e-9), split
 
 
 def _finetune(data_dirs, init_from, workdir, mode):
@@ -112,4 +164,6 @@ def test_simclr_two_views_run_end_to_end(data_dirs, tmp_path):
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_records = [r for r in records if r["split"] == "train"]
   assert train_records and all(np.isfinite(r["loss"]) and 0 < r["embedding_spread"] for r in train_records)
-  assert 0.0 <= summary["final"]["test"]["probe/knn_accuracy"] <= 1.0
+  # Two views of one encoder: the probe embeds with the same features() as the dual encoder's S2 branch.
+  expected = _recomputed_knn(tmp_path, config, "test")
+  assert summary["final"]["test"]["probe/knn_accuracy"] == pytest.approx(expected, abs=1e-9)
