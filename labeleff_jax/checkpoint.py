@@ -14,7 +14,6 @@ and the run falls back to the previous one.
 
 import pathlib
 import shutil
-import zlib
 from typing import Any
 
 from absl import logging
@@ -31,12 +30,6 @@ class NonFiniteStateError(FloatingPointError):
 
 class DamagedCheckpointError(RuntimeError):
   """No checkpoint of the workdir could be restored intact."""
-
-
-def checksums(host_tree: Any) -> dict[str, int]:
-  """CRC-32 of every leaf's bytes, keyed by its tree path."""
-  return {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(leaf).tobytes())
-          for path, leaf in jax.tree_util.tree_flatten_with_path(host_tree)[0]}
 
 
 def non_finite_paths(host_tree: Any) -> list[str]:
@@ -65,7 +58,7 @@ class RunCheckpointer:
     if bad:
       raise NonFiniteStateError(f"the train state holds NaN or infinite values at step {step} ({bad[:3]}, "
                                 f"{len(bad)} arrays): not checkpointed")
-    meta = {**meta, "checksums": checksums(host)}
+    meta = {**meta, "checksums": sharding.checksums(host)}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=force)
@@ -85,7 +78,7 @@ class RunCheckpointer:
     state, data_state, meta = restored["state"], restored["data"], restored["meta"]
     expected = meta.get("checksums")
     if expected is not None:
-      actual = checksums(sharding.to_host(state))
+      actual = sharding.checksums(sharding.to_host(state))
       differing = sorted(key for key in expected.keys() | actual.keys()
                          if expected.get(key) != actual.get(key))
       if differing:
@@ -121,9 +114,7 @@ class RunCheckpointer:
       if target.exists():
         shutil.rmtree(target)
       shutil.move(str(self.directory / str(step)), str(target))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    sharding.wait_for_every_process(f"checkpoint {step} moved aside")
     self.manager.reload()
 
   def wait(self) -> None:

@@ -53,23 +53,35 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
+def checksums(tree: Any) -> dict[str, int]:
+  """CRC-32 of every leaf's bytes (this process's values), keyed by the leaf's tree path."""
+  def crc(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed keys have no numpy form
+      leaf = jax.random.key_data(leaf)
+    return zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): crc(leaf) for path, leaf in leaves}
+
+
+def wait_for_every_process(name: str) -> None:
+  """A barrier across the processes of a run (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def check_same_everywhere(tree: Any, what: str) -> None:
   """Raises unless every process holds bit-identical values (compared by a CRC-32 of each leaf's bytes)."""
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  def crc(leaf):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    return zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  paths, sums = zip(*checksums(tree).items())
   # uint32 survives the gather exactly (JAX would round float64 checksums to float32).
-  local = np.asarray([crc(leaf) for _, leaf in leaves], np.uint32)
+  local = np.asarray(sums, np.uint32)
   everywhere = np.asarray(multihost_utils.process_allgather(local))  # [processes, leaves]
-  differing = [jax.tree_util.keystr(path) for index, (path, _) in enumerate(leaves)
-               if np.any(everywhere[:, index] != local[index])]
+  differing = [path for index, path in enumerate(paths) if np.any(everywhere[:, index] != local[index])]
   if differing:
     raise ValueError(f"{what} differs between processes at {differing[:5]} ({len(differing)} arrays); every "
                      "process must build it from the same config, seed and files")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from labeleff_jax import checkpoint as checkpoint_lib
+from labeleff_jax import sharding
 from labeleff_jax import train
 from labeleff_jax import workdir as workdir_lib
 from tests import tiny_data
@@ -178,7 +179,7 @@ def test_non_finite_state_is_never_checkpointed(data_dirs, tmp_path):
 def test_checksums_and_non_finite_paths_against_numpy():
   tree = {"a": np.arange(4, dtype=np.float32), "b": {"c": np.array([1.0, np.nan])}, "d": np.arange(3)}
   import zlib  # pylint: disable=g-import-not-at-top
-  assert checkpoint_lib.checksums(tree)["['a']"] == zlib.crc32(np.arange(4, dtype=np.float32).tobytes())
+  assert sharding.checksums(tree)["['a']"] == zlib.crc32(np.arange(4, dtype=np.float32).tobytes())
   assert checkpoint_lib.non_finite_paths(tree) == ["['b']['c']"]
 
 

@@ -18,6 +18,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from labeleff_jax import sharding
+
 BUILDER_NAME = "ben_ge"
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
@@ -26,12 +28,6 @@ SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 def is_synthetic(config) -> bool:
   """Whether the config asks for synthetic data (written on first use) instead of the downloaded ben-ge."""
   return bool(config.data.get("synthetic", None))
-
-
-def _wait_for_every_process(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def ensure_prepared(config) -> pathlib.Path:
@@ -70,7 +66,7 @@ def _prepare(config, builder_lib, data_dir: pathlib.Path, name: str, prepared: p
                  manual_dir)
     synthetic.write_dataset(manual_dir, name=name, num_patches=config.data.synthetic.num_patches,
                             seed=config.data.synthetic.get("seed", 0), workers=min(2, os.cpu_count() or 1))
-  _wait_for_every_process("ben_ge raw data")
+  sharding.wait_for_every_process("ben_ge raw data")
   if not ((manual_dir / name).exists() or (manual_dir / f"{name}.tar.gz").exists()):
     raise FileNotFoundError(
         f"dataset {name!r} is not prepared under {data_dir} and {manual_dir} holds neither {name}/ nor "
@@ -79,7 +75,7 @@ def _prepare(config, builder_lib, data_dir: pathlib.Path, name: str, prepared: p
         f"--config {name}")
   if jax.process_index() == 0:
     prepared = builder_lib.prepare(manual_dir, data_dir, name)
-  _wait_for_every_process("ben_ge prepared")
+  sharding.wait_for_every_process("ben_ge prepared")
   return prepared
 
 
