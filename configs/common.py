@@ -84,7 +84,9 @@ def base() -> ConfigDict:
   config.mesh = ConfigDict(dict(data=-1))
   config.transfer = ConfigDict(dict(mode="finetune", load=[], dont_load=[], backbone="backbone",
                                     backbone_lr_scale=1.0))
-  config.contrastive = ConfigDict(dict(temperature=0.1))
+  # collapse_threshold: an embedding_spread below it at a log step is reported as a collapse (warning, and
+  # summary.json's collapsed_at_step); a spread of ~1 means spread out, ~0 all projections on one point.
+  config.contrastive = ConfigDict(dict(temperature=0.1, collapse_threshold=0.05))
   config.probe = ConfigDict(dict(label="", k=20))
   return config
 

@@ -301,13 +301,14 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, allow_config_change
     return result, first
 
   # -- Checkpoints: resume from the workdir's newest intact checkpoint ------------------------------------
-  start_step, pending = 0, []
+  start_step, pending, collapsed_at = 0, [], None
   latest = checkpointer.restore_latest(checkpoint_lib.abstract_like(nnx.to_pure_dict(state)))
   if latest is not None:
     _, pure, data_state, meta = latest
     nnx.replace_by_pure_dict(state, pure)
     train_iter.set_state(data_state)
     start_step = int(meta["step"])
+    collapsed_at = meta.get("collapsed_at_step")  # a collapse before the interruption stays on record
     # The metrics of the steps since the last log point, so that the next log point averages the same
     # steps as it would have without the interruption.
     pending = [{key: np.asarray(value, dtype) for key, (value, dtype) in record.items()}
@@ -320,6 +321,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, allow_config_change
                 for record in sharding.to_host(pending)]
     checkpointer.save(step, nnx.to_pure_dict(state), train_iter.get_state(),
                       {"step": step, "config": run_identity, "pending_metrics": unlogged,
+                       "collapsed_at_step": collapsed_at,
                        "config_fingerprint": workdir_lib.fingerprint(run_identity)})
 
   # -- Loop -----------------------------------------------------------------------------------------------
@@ -327,8 +329,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, mesh, allow_config_change
   eval_every_epochs = config.train.get("eval_every_epochs", 1)
   checkpoint_every = config.train.get("checkpoint_every_steps", None) or steps_per_epoch
   train_images, train_seconds = 0, 0.0
-  collapse_threshold = config.get("contrastive", {}).get("collapse_threshold", 0.05)
-  collapsed_at = None
+  collapse_threshold = config.contrastive.collapse_threshold
   progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not writers.is_writer(),
                        mininterval=2.0,
                        desc="train", dynamic_ncols=True)

@@ -292,9 +292,25 @@ def test_list_valued_config_keys_can_be_overridden_on_the_command_line(monkeypat
     transfer._parse_mapping(["encoder"])  # pylint: disable=protected-access
 
 
-def test_config_json_round_trip_of_every_config():
-  from configs import early_fusion, late_fusion, multitask, supervised  # pylint: disable=g-import-not-at-top
-  for module in (supervised, early_fusion, late_fusion, multitask):
-    config = module.get_config("tiny")
-    assert isinstance(config, ml_collections.ConfigDict)
-    json.loads(config.to_json_best_effort())
+def _plain(value):
+  """A config's values as JSON would hold them: dicts, lists, str, numbers, bools, None."""
+  if isinstance(value, (dict, ml_collections.ConfigDict)):
+    return {key: _plain(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(item) for item in value]
+  assert value is None or isinstance(value, (str, int, float, bool)), f"{value!r} is not a JSON value"
+  return value
+
+
+@pytest.mark.parametrize("name", ["quickstart", "supervised", "early_fusion", "late_fusion", "multitask",
+                                  "contrastive", "simclr", "finetune", "ablation_modalities",
+                                  "sweep_label_fraction"])
+def test_config_json_round_trip_of_every_config(name):
+  # config.json in a workdir must hold every value of the run's config, unchanged and without the
+  # best-effort fallback to strings (a value JSON cannot hold would come back as its repr).
+  module = __import__(f"configs.{name}", fromlist=["get_config"])
+  config = module.get_config("tiny")
+  assert isinstance(config, ml_collections.ConfigDict)
+  expected = _plain(config)
+  assert json.loads(config.to_json_best_effort()) == expected
+  assert _plain(ml_collections.ConfigDict(json.loads(config.to_json()))) == expected

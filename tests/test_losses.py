@@ -38,10 +38,12 @@ def _numpy_log_softmax(logits):
   return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _numpy_nt_xent(z_a, z_b, temperature):
-  """NT-Xent and matching accuracy by looping over the 2B anchors, in float64."""
+def numpy_nt_xent(z_a, z_b, temperature):
+  """NT-Xent and matching accuracy by looping over the 2B anchors, in float64 (an all-zero row stays zero:
+  its cosine with every other row is 0)."""
   z = np.concatenate([z_a, z_b]).astype(np.float64)
-  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  norms = np.linalg.norm(z, axis=1, keepdims=True)
+  z = z / np.where(norms > 0, norms, 1.0)
   n = len(z)
   half = n // 2
   losses_per_anchor, correct = [], 0
@@ -56,9 +58,11 @@ def _numpy_nt_xent(z_a, z_b, temperature):
 
 
 def _reference_formulation_nt_xent(z_a, z_b, temperature):
-  """Single-device jnp NT-Xent written like the PyTorch reference: slice out the diagonal, then CE."""
+  """Single-device jnp NT-Xent written like the PyTorch reference: slice out the diagonal, then CE (an
+  all-zero row stays zero; the gradient with respect to such a row is not defined)."""
   z = jnp.concatenate([z_a, z_b])
-  z = z / jnp.linalg.norm(z, axis=1, keepdims=True)
+  norms = jnp.linalg.norm(z, axis=1, keepdims=True)
+  z = z / jnp.where(norms > 0, norms, 1.0)
   n = z.shape[0]
   similarity = z @ z.T
   off_diagonal = ~np.eye(n, dtype=bool)
@@ -207,7 +211,7 @@ def test_masked_cross_entropy_is_the_same_sharded_over_8_devices():
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
 def test_nt_xent_matches_numpy_loop_over_anchors(temperature):
   z_a, z_b = _random_views(6, 5, seed=7)
-  expected_loss, expected_accuracy = _numpy_nt_xent(z_a, z_b, temperature)
+  expected_loss, expected_accuracy = numpy_nt_xent(z_a, z_b, temperature)
   loss, accuracy = nt_xent_and_matching_accuracy(z_a, z_b, temperature)
   np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
   np.testing.assert_allclose(float(nt_xent(z_a, z_b, temperature)), expected_loss, rtol=1e-5)
@@ -234,14 +238,25 @@ def test_nt_xent_is_stable_for_huge_norms_low_temperature_and_zero_rows():
   loss, grads = nt_xent_value_and_grads(z_a, z_b, 0.01)
   unit_a = z_a.astype(np.float64) / np.linalg.norm(z_a.astype(np.float64), axis=1, keepdims=True)
   unit_b = z_b.astype(np.float64) / np.linalg.norm(z_b.astype(np.float64), axis=1, keepdims=True)
-  np.testing.assert_allclose(float(loss), _numpy_nt_xent(unit_a, unit_b, 0.01)[0], rtol=1e-4)
+  np.testing.assert_allclose(float(loss), numpy_nt_xent(unit_a, unit_b, 0.01)[0], rtol=1e-4)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
+  # An all-zero embedding has cosine 0 with every other row: the loss is the numpy loop's with that row
+  # kept at zero, and the other rows' gradients are the reference formulation's with that row's
+  # similarities fixed at 0 (its own gradient is finite; it is not defined by the reference).
   with_zero_row = z_a / 1e25
   with_zero_row[0] = 0.0
-  loss, grads = nt_xent_value_and_grads(with_zero_row, z_b / 1e25, 0.01)
-  assert np.isfinite(float(loss))
-  assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+  loss, (grad_a, grad_b) = nt_xent_value_and_grads(with_zero_row, z_b / 1e25, 0.5)
+  np.testing.assert_allclose(float(loss), numpy_nt_xent(with_zero_row, z_b / 1e25, 0.5)[0], rtol=1e-5)
+  assert np.all(np.isfinite(np.asarray(grad_a))) and np.all(np.isfinite(np.asarray(grad_b)))
+
+  def reference_with_zero_first_row(rest_a, b):
+    return _reference_formulation_nt_xent(jnp.concatenate([jnp.zeros_like(rest_a[:1]), rest_a]), b, 0.5)
+
+  expected_a, expected_b = jax.grad(reference_with_zero_first_row, argnums=(0, 1))(
+      jnp.asarray(with_zero_row[1:]), jnp.asarray(z_b / 1e25))
+  np.testing.assert_allclose(np.asarray(grad_a)[1:], np.asarray(expected_a), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad_b), np.asarray(expected_b), rtol=1e-4, atol=1e-6)
 
 
 def test_nt_xent_rejects_bad_input():
@@ -274,7 +289,7 @@ def test_matching_accuracy_on_constructed_cases():
 def test_nt_xent_mask_drops_padding_pairs_as_anchors_and_negatives():
   z_a, z_b = _random_views(8, 5, seed=11)
   valid = np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
-  expected_loss, expected_accuracy = _numpy_nt_xent(z_a[valid], z_b[valid], 0.2)
+  expected_loss, expected_accuracy = numpy_nt_xent(z_a[valid], z_b[valid], 0.2)
   loss, accuracy = nt_xent_and_matching_accuracy(z_a, z_b, 0.2, mask=valid)
   np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
   assert float(accuracy) == pytest.approx(expected_accuracy)
@@ -315,7 +330,7 @@ def test_sharded_nt_xent_equals_single_device_loss_and_gradients(axis_kind):
 def test_sharded_matching_accuracy_and_mask_equal_single_device():
   z_a, z_b = _random_views(16, 3, seed=13)  # low dimension, so some anchors miss
   valid = np.arange(16) % 5 != 4
-  expected_loss, expected_accuracy = _numpy_nt_xent(z_a[valid], z_b[valid], 0.3)
+  expected_loss, expected_accuracy = numpy_nt_xent(z_a[valid], z_b[valid], 0.3)
   assert 0.0 < expected_accuracy < 1.0
   with jax.set_mesh(_meshes()["explicit"]):
     args = [jax.device_put(x, P("data")) for x in (z_a, z_b, valid)]
@@ -325,11 +340,21 @@ def test_sharded_matching_accuracy_and_mask_equal_single_device():
   np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
   assert float(accuracy) == pytest.approx(expected_accuracy)
   assert float(plain_accuracy) == pytest.approx(expected_accuracy)
+  # Gradients: the reference formulation on the valid rows alone; padding rows get exactly zero.
+  expected_a, expected_b = jax.grad(lambda a, b: _reference_formulation_nt_xent(a, b, 0.3), argnums=(0, 1))(
+      z_a[valid], z_b[valid])
+  with jax.set_mesh(_meshes()["explicit"]):
+    grad_a, grad_b = jax.jit(jax.grad(lambda a, b, m: losses.nt_xent(a, b, 0.3, mask=m), argnums=(0, 1)))(
+        *args)
+  for grad, expected in ((grad_a, expected_a), (grad_b, expected_b)):
+    grad = np.asarray(grad)
+    np.testing.assert_array_equal(grad[~valid], 0.0)
+    np.testing.assert_allclose(grad[valid], np.asarray(expected), rtol=1e-4, atol=1e-6)
 
 
 def test_nt_xent_called_inside_a_users_shard_map_uses_the_global_batch():
   z_a, z_b = _random_views(16, 4, seed=14)
-  expected = _numpy_nt_xent(z_a, z_b, 0.2)[0]
+  expected = numpy_nt_xent(z_a, z_b, 0.2)[0]
   mesh = _meshes()["explicit"]
   per_device = jax.shard_map(lambda a, b: losses.nt_xent(a, b, 0.2), mesh=mesh,
                              in_specs=(P("data"), P("data")), out_specs=P())

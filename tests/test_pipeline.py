@@ -183,10 +183,23 @@ def test_augmentation_is_joint_and_differs_between_epochs(mesh):
 
 
 def test_crop_to_image_size_random_for_training_centred_for_eval(mesh):
-  config = make_config(image_size=8)
+  config = make_config(image_size=8, augment=ml_collections.ConfigDict(dict(flip=False, rot90=False)))
   source = InMemoryBenGe(16)
-  batch = to_numpy(next(train_iterator(config, source, mesh, labels=["lulc"])))
-  assert batch["inputs"]["s2"].shape == (8, 8, 8, 12) and batch["labels"]["lulc"].shape == (8, 8, 8)
+  offsets = set()
+  for batch in take(train_iterator(config, source, mesh, labels=["lulc"]), 4):
+    assert batch["inputs"]["s2"].shape == (8, 8, 8, 12) and batch["labels"]["lulc"].shape == (8, 8, 8)
+    for row, index in enumerate(batch["index"]):
+      # s2 band 0 holds the pixel's position in the source image: its top-left pixel gives the crop.
+      raw = int(round(float(batch["inputs"]["s2"][row, 0, 0, 0]) * 1e4)) - 1000 * (int(index) % 9)
+      top, left = divmod(raw, SIZE)
+      assert 0 <= top <= SIZE - 8 and 0 <= left <= SIZE - 8
+      window = (slice(top, top + 8), slice(left, left + 8))
+      expected = transforms.normalize({"s2": source[int(index)]["s2"][window]}, ["s2"])["s2"]
+      np.testing.assert_allclose(batch["inputs"]["s2"][row], expected)
+      np.testing.assert_array_equal(batch["labels"]["lulc"][row], source[int(index)]["lulc"][window])
+      offsets.add((top, left))
+  # 32 crops drawn from 81 possible windows: a fixed (e.g. centred) window would give one.
+  assert len(offsets) >= 10
   evaluation = to_numpy(next(eval_batches(config, source, mesh, labels=["lulc"])))
   expected = transforms.normalize({"s2": source[0]["s2"][4:12, 4:12]}, ["s2"])["s2"]
   np.testing.assert_allclose(evaluation["inputs"]["s2"][0], expected)
@@ -309,11 +322,15 @@ def test_standardisation_from_training_statistics(mesh):
   iterator = train_iterator(config, source, mesh, labels=[])
   json.dumps(iterator.stats)
   batch = to_numpy(next(iterator))
+  for name in ("dem", "s1"):  # per band over every pixel of every training example
+    values = np.stack([source[i][name] for i in range(16)]).astype(np.float64)
+    mean, std = values.mean(axis=(0, 1, 2)), values.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(iterator.stats[name]["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(iterator.stats[name]["std"], std, rtol=1e-6)
+    for row, index in enumerate(batch["index"]):
+      expected = (source[int(index)][name] - mean) / std
+      np.testing.assert_allclose(batch["inputs"][name][row], expected, rtol=1e-4, atol=1e-5)
   values = np.stack([source[i]["dem"] for i in range(16)]).astype(np.float64)
-  np.testing.assert_allclose(iterator.stats["dem"]["mean"], [values.mean()], rtol=1e-9)
-  row = int(np.flatnonzero(batch["index"] == batch["index"][0])[0])
-  expected = (source[int(batch["index"][row])]["dem"] - values.mean()) / values.std()
-  np.testing.assert_allclose(batch["inputs"]["dem"][row], expected, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="training split"):
     eval_batches(config, source, mesh, labels=[])
   config.data.normalization_stats = iterator.stats  # how the engine hands them to evaluation

@@ -1,6 +1,7 @@
 """Contrastive pretraining and transfer learning end to end on tiny synthetic data (8 fake CPU devices)."""
 
 import json
+import logging
 
 import flax.nnx as nnx
 import jax
@@ -17,6 +18,7 @@ from labeleff_jax.data import constants
 from labeleff_jax.data import label_fraction
 from labeleff_jax.data import pipeline
 from labeleff_jax.data import splits
+from tests import test_losses
 from tests import test_probe
 from tests import tiny_data
 
@@ -37,8 +39,33 @@ def pretrained(data_dirs, tmp_path_factory):
   config.train.num_epochs = 4
   config.optimizer.learning_rate = 3e-3
   config.train.log_every_steps = 1
-  summary = train.train_and_evaluate(config, workdir)
-  return workdir, summary
+  # Above every spread a run can have (at most sqrt(D)): each log step is a collapse, so the detection's
+  # bookkeeping (first step, one warning per log step) is checked on a run that stays cheap.
+  config.contrastive.collapse_threshold = 100.0
+  warnings = _WarningRecorder()
+  logging.getLogger("absl").addHandler(warnings)
+  try:
+    summary = train.train_and_evaluate(config, workdir)
+  finally:
+    logging.getLogger("absl").removeHandler(warnings)
+  return workdir, summary, warnings.messages
+
+
+class _WarningRecorder(logging.Handler):
+  """Keeps the messages of warnings logged through absl during one run."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+def _first_collapse(records, threshold):
+  """The first logged train step whose embedding spread is below `threshold` (None if there is none)."""
+  return next((r["step"] for r in records if r["split"] == "train" and r["embedding_spread"] < threshold),
+              None)
 
 
 def _flat(tree):
@@ -48,18 +75,49 @@ def _flat(tree):
 
 
 def test_contrastive_pretraining_lowers_the_loss_and_logs_its_diagnostics(pretrained):
-  workdir, summary = pretrained
+  workdir, summary, _ = pretrained
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train_losses = [r["loss"] for r in records if r["split"] == "train"]
   assert len(train_losses) == 16
   assert np.mean(train_losses[-4:]) < np.mean(train_losses[:4]) - 0.05
   train_record = next(r for r in records if r["split"] == "train")
   assert {"matching_accuracy", "embedding_spread"} <= set(train_record)
+  assert summary["num_params"] > 0
+
+
+def test_final_contrastive_metrics_are_the_numpy_nt_xent_of_each_evaluation_batch(pretrained, data_dirs):
+  workdir, summary, _ = pretrained
+  config = _with_data(contrastive.get_config("tiny"), data_dirs)
+  model, stats = _trained_model(workdir, config)
   for split in ("validation", "test"):
+    # Negatives are the other pairs of the same evaluation batch: per batch, then weighted by its pairs.
+    loss_sum = accuracy_sum = count = 0.0
+    for batch in pipeline.make_eval_batches(pipeline.DataSpec.from_config(config),
+                                            splits.open_split(config, split), sharding.make_mesh(-1),
+                                            stats=stats):
+      valid = np.asarray(batch["valid"]).astype(bool)
+      outputs = model(batch["inputs"])
+      loss, accuracy = test_losses.numpy_nt_xent(np.asarray(outputs["z_a"])[valid],
+                                                 np.asarray(outputs["z_b"])[valid],
+                                                 config.contrastive.temperature)
+      loss_sum, accuracy_sum, count = loss_sum + loss * valid.sum(), accuracy_sum + accuracy * valid.sum(), \
+          count + valid.sum()
     final = summary["final"][split]
-    assert 0.0 <= final["contrastive/matching_accuracy"] <= 1.0
-    assert np.isfinite(final["contrastive/loss"])
-  assert summary["num_params"] > 0 and "collapsed_at_step" in summary
+    assert count == tiny_data.SPLIT_SIZES[split]
+    assert final["contrastive/loss"] == pytest.approx(loss_sum / count, rel=1e-4), split
+    assert final["contrastive/matching_accuracy"] == pytest.approx(accuracy_sum / count, abs=1e-6), split
+
+
+def test_a_spread_below_the_threshold_is_reported_as_a_collapse(pretrained):
+  workdir, summary, warnings = pretrained
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if r["split"] == "train"]
+  assert summary["collapsed_at_step"] == _first_collapse(records, 100.0) == 1
+  collapse_warnings = [m for m in warnings if "embeddings are collapsing" in m]
+  assert len(collapse_warnings) == len(train_records)  # one per log step below the threshold
+  for message, record in zip(collapse_warnings, train_records):
+    assert message.startswith(f"step {record['step']}:")
+    assert f"(spread {record['embedding_spread']:.4f} < 100.0000)" in message
 
 
 def _features(model, config, split, stats):
@@ -76,10 +134,8 @@ def _features(model, config, split, stats):
   return np.concatenate(features), np.concatenate(labels)
 
 
-def _recomputed_knn(workdir, config, split):
-  """The k-NN accuracy on `split` recomputed outside the engine: the final weights from the checkpoint in a
-  model of our own; the bank the labelled training subset (label_fraction's draw, stratified by
-  data.stratify_by); the numpy vote of tests/test_probe.py."""
+def _trained_model(workdir, config):
+  """The run's final model (from its checkpoint, in eval mode) and its normalisation statistics."""
   model = models.create_model(config, rngs=nnx.Rngs(0))
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, transfer.load_checkpoint_model_state(workdir))
@@ -87,6 +143,14 @@ def _recomputed_knn(workdir, config, split):
   model.eval()
   stats = pipeline.normalization_stats(pipeline.DataSpec.from_config(config),
                                        splits.open_split(config, "train"), workdir=workdir)
+  return model, stats
+
+
+def _recomputed_knn(workdir, config, split):
+  """The k-NN accuracy on `split` recomputed outside the engine: the final weights from the checkpoint in a
+  model of our own; the bank the labelled training subset (label_fraction's draw, stratified by
+  data.stratify_by); the numpy vote of tests/test_probe.py."""
+  model, stats = _trained_model(workdir, config)
   bank, bank_labels = _features(model, config, "train", stats)
   train_split = splits.open_split(config, "train")
   strata = np.array([int(train_split[i][config.data.stratify_by]) for i in range(len(train_split))])
@@ -98,7 +162,7 @@ def _recomputed_knn(workdir, config, split):
 
 
 def test_the_final_knn_accuracy_is_the_vote_on_the_checkpoints_features(pretrained, data_dirs):
-  workdir, summary = pretrained
+  workdir, summary, _ = pretrained
   config = _with_data(contrastive.get_config("tiny"), data_dirs)
   config.data.label_fraction, config.probe.k = 0.5, 5  # as the fixture's run
   for split in ("validation", "test"):
@@ -113,7 +177,7 @@ def _finetune(data_dirs, init_from, workdir, mode):
 
 
 def test_finetuning_changes_loaded_weights_and_linear_probing_keeps_them(pretrained, data_dirs, tmp_path):
-  source_dir, _ = pretrained
+  source_dir, _, _ = pretrained
   source = _flat(transfer.load_checkpoint_model_state(source_dir))
   source_s2 = {path: value for path, value in source.items() if path.startswith(S2_ENCODER)}
   assert source_s2
@@ -142,7 +206,7 @@ def test_finetuning_changes_loaded_weights_and_linear_probing_keeps_them(pretrai
 
 
 def test_transfer_refuses_shape_mismatches(pretrained, data_dirs, tmp_path):
-  source_dir, _ = pretrained
+  source_dir, _, _ = pretrained
   config = _with_data(finetune.get_config(f"tiny,init_from={source_dir}"), data_dirs)
   config.model.width = 8  # the pretrained encoder has width 4
   with pytest.raises(transfer.TransferError, match="shape mismatch"):
@@ -164,6 +228,8 @@ def test_simclr_two_views_run_end_to_end(data_dirs, tmp_path):
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_records = [r for r in records if r["split"] == "train"]
   assert train_records and all(np.isfinite(r["loss"]) and 0 < r["embedding_spread"] for r in train_records)
+  # The default threshold: the summary names the first logged spread below it, or None.
+  assert summary["collapsed_at_step"] == _first_collapse(records, config.contrastive.collapse_threshold)
   # Two views of one encoder: the probe embeds with the same features() as the dual encoder's S2 branch.
   expected = _recomputed_knn(tmp_path, config, "test")
   assert summary["final"]["test"]["probe/knn_accuracy"] == pytest.approx(expected, abs=1e-9)

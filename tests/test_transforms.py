@@ -245,12 +245,47 @@ def test_gaussian_blur_keeps_constants_and_mass_and_spreads_a_point():
   np.testing.assert_allclose(transforms.gaussian_blur(constant, 1.5), constant, rtol=1e-6)
   point = np.zeros((15, 15, 1), np.float32)
   point[7, 7] = 1.0
-  blurred = transforms.gaussian_blur(point, 1.0)
+  sigma = 1.3
+  blurred = transforms.gaussian_blur(point, sigma)[..., 0]
   np.testing.assert_allclose(blurred.sum(), 1.0, rtol=1e-5)  # no mass reaches the border
-  assert blurred[7, 7, 0] < 1.0 and blurred[7, 8, 0] > 0
-  # Separable Gaussian with sigma 1: the centre weight is (1 / sum_k exp(-k^2 / 2), k = -2..2)^2.
-  taps = np.exp(-0.5 * np.arange(-2, 3) ** 2)
-  np.testing.assert_allclose(blurred[7, 7, 0], (1 / taps.sum()) ** 2, rtol=1e-5)
+  # A point spreads into a sampled 2-D Gaussian: relative to the centre, exp(-(i^2 + j^2) / (2 sigma^2))
+  # wherever the kernel reaches (the normalisation cancels), and the documented 2-sigma cut-off beyond.
+  reach = int(np.ceil(2 * sigma))
+  offsets = np.arange(-7, 8)
+  i, j = np.meshgrid(offsets, offsets, indexing="ij")
+  inside = (np.abs(i) <= reach) & (np.abs(j) <= reach)
+  np.testing.assert_allclose(blurred[inside] / blurred[7, 7],
+                             np.exp(-(i[inside] ** 2 + j[inside] ** 2) / (2 * sigma ** 2)), rtol=1e-5)
+  np.testing.assert_array_equal(blurred[~inside], 0.0)
+
+
+def test_gaussian_blur_of_an_image_matches_scipy_with_mirrored_borders():
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(3).random((11, 9, 2)).astype(np.float32)
+  for sigma in (0.4, 1.3, 2.0):
+    reach = int(np.ceil(2 * sigma))
+    # numpy's 'reflect' padding (d c b | a b c d) is scipy's 'mirror' mode.
+    expected = ndimage.gaussian_filter(image.astype(np.float64), sigma=(sigma, sigma, 0), mode="mirror",
+                                       radius=(reach, reach, 0))
+    np.testing.assert_allclose(transforms.gaussian_blur(image, sigma), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_is_zero_mean_gaussian_of_the_given_std_independent_per_pixel_and_band():
+  image = np.random.default_rng(4).random((64, 64, 12)).astype(np.float32)
+  noisy = transforms.spectral_augment({"s2": image}, np.random.default_rng(5),
+                                      transforms.SpectralAugment(noise_std=0.05))["s2"]
+  noise = (noisy - image).astype(np.float64)
+  # 49152 draws: the sample mean's standard error is 2.3e-4, the std's 1.6e-4.
+  assert abs(noise.mean()) < 1e-3
+  assert noise.std() == pytest.approx(0.05, abs=1e-3)
+  standardized = noise.ravel() / noise.std()
+  assert abs(np.mean(standardized ** 4) - 3.0) < 0.1  # a Gaussian's kurtosis, not a uniform's 1.8
+  for axis in (0, 1, 2):  # neighbours along rows, columns and bands are uncorrelated
+    a, b = np.swapaxes(noise, 0, axis)[:-1].ravel(), np.swapaxes(noise, 0, axis)[1:].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.03
+  again = transforms.spectral_augment({"s2": image}, np.random.default_rng(6),
+                                      transforms.SpectralAugment(noise_std=0.05))["s2"]
+  assert not np.allclose(again, noisy)  # another generator state, other noise
 
 
 def test_only_transforms_that_draw_random_numbers_need_a_generator():
