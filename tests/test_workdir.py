@@ -339,6 +339,9 @@ def test_two_runs_preparing_the_same_fresh_data_take_turns(tmp_path):
     assert process.returncode == 0, err[-3000:]
     assert out.split()[-1] == str(tiny_data.SPLIT_SIZES["train"])
   assert not list(tmp_path.rglob("*.partial*")) and not list(tmp_path.rglob("*incomplete*"))
+  # The first run on a fresh machine wrote the synthetic raw data and prepared the TFDS dataset itself.
+  assert any((tmp_path / "manual").iterdir())
+  assert len(list((tmp_path / "tfds").rglob("dataset_info.json"))) == 1
 
 
 def test_a_full_disk_ends_the_output_with_what_to_do(data_dirs, tmp_path):
