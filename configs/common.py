@@ -63,6 +63,9 @@ def base() -> ConfigDict:
                               blur_prob=0.0)),
   ))
   config.data.synthetic = ConfigDict(dict(num_patches=0, seed=0))
+  # The input scaling published weights were trained with, per modality (labeleff_jax/data/presets.py),
+  # e.g. s2='s2_div10000', s1='s1_db_zscore_ssl4eo'; '' keeps data.normalization for that modality.
+  config.data.presets = ConfigDict(dict(s2="", s1=""))
   config.model = ConfigDict(dict(
       name="unet", fusion="early", width=64, dropout=0.5, shared_backbone=False,
       mlp_features=(64, 64), task_weighting="fixed", backbone="resnet18",

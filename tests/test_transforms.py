@@ -300,3 +300,59 @@ def test_only_transforms_that_draw_random_numbers_need_a_generator():
     assert augmenting.uses_rng
     with pytest.raises(ValueError, match="generator"):
       augmenting.view(example, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Published weights' input scalings (data.presets).
+# ---------------------------------------------------------------------------------------------------------
+def _raw_example():
+  rng = np.random.default_rng(12)
+  s2 = rng.integers(0, 12000, (5, 4, 12)).astype(np.uint16)
+  s1 = rng.uniform(-35, 3, (5, 4, 2)).astype(np.float32)  # ben-ge order: VH, VV (dB)
+  return {"s2": s2, "s1": s1}
+
+
+def test_presets_scale_each_band_with_the_published_numbers_of_its_name():
+  example = _raw_example()
+  s2, s1 = example["s2"].astype(np.float64), example["s1"].astype(np.float64)
+  vh, vv = s1[..., 0], s1[..., 1]
+  # The numbers as published (torchgeo / SSL4EO-S12), written out here in the publishers' band order.
+  l1c_mean = dict(zip(["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11",
+                       "B12"], [1612.9, 1397.6, 1322.3, 1373.1, 1561.0, 2108.4, 2390.7, 2318.7, 2581.0, 837.7,
+                                22.0, 2195.2, 1537.4]))
+  l1c_std = dict(zip(l1c_mean, [791.0, 854.3, 878.7, 1144.9, 1127.5, 1164.2, 1276.0, 1249.5, 1345.9, 577.5,
+                                47.5, 1340.0, 1142.9]))
+  bens_bands = constants.S2_BANDS
+  expected = {
+      ("s2", "s2_div10000"): s2 / 10000,
+      ("s2", "s2_l1c_zscore_ssl4eo"): (s2 - np.array([l1c_mean[b] for b in bens_bands]))
+                                      / np.array([l1c_std[b] for b in bens_bands]),
+      ("s2", "sen12ms_s2_clip_permax"): np.clip(s2, 0, 10000) / (np.clip(s2, 0, 10000).max(axis=(0, 1)) + 1e-5),
+      ("s1", "s1_db_zscore_ssl4eo"): np.stack([(vh + 20.26) / 5.91, (vv + 12.59) / 5.26], -1),
+      ("s1", "s1_db_2sigma_ssl4eo"): np.stack(
+          [np.clip((vh - (-20.19237134 - 2 * 5.91150917)) / (4 * 5.91150917), 0, 1),
+           np.clip((vv - (-12.54847273 - 2 * 5.25697717)) / (4 * 5.25697717), 0, 1)], -1),
+      ("s1", "sen12ms_s1_clip_permax"): (np.clip(s1, -25, 0) + 25) / ((np.clip(s1, -25, 0) + 25).max(axis=(0, 1))
+                                                                      + 1e-5),
+      ("s1", "s1_raw_closp"): s1,
+  }
+  for (modality, preset), value in expected.items():
+    out = transforms.normalize(example, [modality], presets={modality: preset})[modality]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, value, rtol=2e-6, atol=2e-6, err_msg=preset)
+  # Other modalities keep the reference scaling.
+  both = transforms.normalize(example, ["s2", "s1"], presets={"s1": "s1_raw_closp"})
+  np.testing.assert_allclose(both["s2"], np.clip(s2 / 10000, 0, 1), rtol=1e-6)
+
+
+def test_presets_are_checked_by_name_and_modality():
+  from labeleff_jax.data import presets  # pylint: disable=g-import-not-at-top
+  assert presets.check({"s2": "s2_div10000", "s1": ""}) == {"s2": "s2_div10000"}
+  with pytest.raises(ValueError, match=r"data.presets.s1='s2_div10000' scales s2"):
+    presets.check({"s1": "s2_div10000"})
+  with pytest.raises(ValueError, match="data.presets.s2='nope' is not a preset; choose one of"):
+    presets.check({"s2": "nope"})
+  with pytest.raises(ValueError, match="in the catalogue, but ben-ge has no input"):
+    presets.check({"s2": "seco_rgb_quantiles_imagenet"})
+  with pytest.raises(ValueError, match="data.presets.dem"):
+    presets.check({"dem": "s2_div10000"})

@@ -50,6 +50,7 @@ from labeleff_jax import sharding
 from labeleff_jax import writers
 from labeleff_jax.data import constants
 from labeleff_jax.data import label_fraction
+from labeleff_jax.data import presets as input_presets
 from labeleff_jax.data import transforms
 
 SUBSETS = ("labelled", "unlabelled", "all")
@@ -85,6 +86,7 @@ class DataSpec:
   normalization: str = "reference"  # data.normalization: 'reference' or 'standardize'
   normalization_stats: Mapping | None = None  # data.normalization_stats (JSON form), if given
   normalization_max_examples: int = 1000  # data.normalization_max_examples: examples read for the stats
+  presets: tuple[tuple[str, str], ...] = ()  # data.presets: (modality, preset) of published weights' scaling
   multilabel_threshold: float = 0.05  # data.multilabel_threshold
   label_fraction: float = 1.0  # data.label_fraction
   label_fraction_seed: int = 0  # data.label_fraction_seed
@@ -121,6 +123,7 @@ class DataSpec:
         normalization=get(data, "normalization", "reference"),
         normalization_stats=stats.to_dict() if hasattr(stats, "to_dict") else stats,
         normalization_max_examples=int(get(data, "normalization_max_examples", 1000)),
+        presets=tuple(sorted(input_presets.check(dict(get(data, "presets", {}))).items())),
         multilabel_threshold=float(get(data, "multilabel_threshold", 0.05)),
         label_fraction=float(get(data, "label_fraction", 1.0)),
         label_fraction_seed=int(get(data, "label_fraction_seed", 0)) % 2**63,
@@ -151,7 +154,7 @@ def make_transform(spec: DataSpec, *, train: bool,
       modalities=spec.modalities, labels=spec.labels, stats=transforms.prepare_stats(stats),
       image_size=spec.image_size, train=train, flip=spec.flip and train, rot90=spec.rot90 and train,
       spectral=spec.spectral if train else transforms.SpectralAugment(),
-      multilabel_threshold=spec.multilabel_threshold)
+      multilabel_threshold=spec.multilabel_threshold, presets=spec.presets)
 
 
 # ---------------------------------------------------------------------------------------------------------

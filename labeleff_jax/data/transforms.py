@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from labeleff_jax.data import constants
+from labeleff_jax.data import presets as input_presets
 
 # Raw example features that are rasters [H, W, ...] and must move together under crops, flips and
 # rotations. `lulc` is both an input modality (a class map, one-hot on the device) and the segmentation label.
@@ -91,7 +92,7 @@ def _destination(out: Mapping | None, name: str, shape: tuple, dtype=np.float32)
 
 
 def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None = None,
-              out: Mapping | None = None) -> dict:
+              out: Mapping | None = None, presets: Mapping[str, str] | None = None) -> dict:
   """Returns the input arrays of `modalities` for one raw example (float32; lulc uint8).
 
   Without `stats` (or for a modality missing from it) the reference's fixed scaling applies: s2
@@ -99,6 +100,9 @@ def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None
   in `stats` (see `compute_normalization_stats`) is standardised per band instead. lulc becomes a uint8
   class map [H, W] (255 where no data; the models one-hot it), climatezone a one-hot [12], season a [1]
   vector of season_s2.
+
+  A modality in `presets` ({modality: preset name}, data.presets) is scaled the way published weights expect
+  instead (labeleff_jax/data/presets.py), whatever `stats` holds.
 
   With `out` (a dict of arrays of the right shapes and dtypes), results are written there and `out` returned:
   the pipeline passes rows of its batch buffers, so each image is converted once, straight into the batch.
@@ -112,7 +116,10 @@ def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None
       raw = None
     else:
       raw = np.asarray(_feature(example, name))
-    if name in stats:
+    if presets and name in presets:
+      target = _destination(out, name, raw.shape)
+      input_presets.apply(presets[name], raw, name, target)
+    elif name in stats:
       target = _destination(out, name, raw.shape)
       np.subtract(raw, stats[name]["mean"], out=target, dtype=np.float32)
       target *= stats[name]["inv_std"]
@@ -394,6 +401,7 @@ class ExampleTransform:
   rot90: bool = False
   spectral: SpectralAugment = SpectralAugment()
   multilabel_threshold: float = 0.05
+  presets: tuple[tuple[str, str], ...] = ()  # (modality, preset) pairs: data.presets
 
   @functools.cached_property
   def raster_features(self) -> tuple[str, ...]:
@@ -427,7 +435,8 @@ class ExampleTransform:
     if self.train and (self.flip or self.rot90):
       rasters = random_dihedral(rasters, rng, flip=self.flip, rot90=self.rot90)
     transformed = {**example, **rasters}
-    inputs = normalize(transformed, self.modalities, self.stats, out=None if out is None else out["inputs"])
+    inputs = normalize(transformed, self.modalities, self.stats, out=None if out is None else out["inputs"],
+                       presets=dict(self.presets))
     if self.train and self.spectral.active:
       inputs = spectral_augment(inputs, rng, self.spectral, in_place=True)
     result = {"inputs": inputs}

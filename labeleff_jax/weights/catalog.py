@@ -61,12 +61,13 @@ _S1_VV_VH = ("VV", "VH")
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-  """How raw values become the network's input; mean/std are per channel in the entries' band order."""
+  """How raw values become the network's input; mean/std are per band, in the order of `bands`."""
   name: str
   description: str
   source: str
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+  bands: tuple[str, ...] | None = None  # the bands of mean/std (None: one number for every band)
 
 
 NORMALIZATIONS = {n.name: n for n in (
@@ -85,13 +86,14 @@ NORMALIZATIONS = {n.name: n for n in (
         mean=(1612.9, 1397.6, 1322.3, 1373.1, 1561.0, 2108.4, 2390.7, 2318.7, 2581.0, 837.7, 22.0, 2195.2,
               1537.4),
         std=(791.0, 854.3, 878.7, 1144.9, 1127.5, 1164.2, 1276.0, 1249.5, 1345.9, 577.5, 47.5, 1340.0,
-             1142.9)),
+             1142.9),
+        bands=S2_BAND_NAMES),
     Normalization(
         "s1_db_zscore_ssl4eo",
         "(x_dB - mean) / std per channel on S1 backscatter in dB, channels (VV, VH); torchgeo's S1 transform "
         "for SSL4EO-S12 MoCo, DeCUR and SoftCon (numbers taken by torchgeo from DeCUR).",
         f"{_TORCHGEO_RESNET} (_mean_s1, _std_s1, _ssl4eo_s12_transforms_s1)",
-        mean=(-12.59, -20.26), std=(5.26, 5.91)),
+        mean=(-12.59, -20.26), std=(5.26, 5.91), bands=("VV", "VH")),
     Normalization(
         "s1_db_2sigma_ssl4eo",
         "SSL4EO-S12's own uint8 S1 pipeline: clip((x_dB - (mean - 2 std)) / (4 std), 0, 1) per channel "
@@ -99,7 +101,7 @@ NORMALIZATIONS = {n.name: n for n in (
         "pretraining command, so this is the dataset code's default, not a confirmed setting of the S1 "
         "checkpoint; torchgeo serves the same weights with s1_db_zscore_ssl4eo instead.",
         f"{_SSL4EO_DATASET} (S1_MEAN, S1_STD, normalize, get_array)",
-        mean=(-12.54847273, -20.19237134), std=(5.25697717, 5.91150917)),
+        mean=(-12.54847273, -20.19237134), std=(5.25697717, 5.91150917), bands=("VV", "VH")),
     Normalization(
         "s1_raw_closp",
         "No scaling: torchgeo's transform is nn.Identity and CLOSP's dataset feeds the CrisisLandMark S1 "
@@ -114,7 +116,7 @@ NORMALIZATIONS = {n.name: n for n in (
         "in B02, B03, B04 order and multiplies by 255 before the ImageNet step, unlike SeCo's own code.",
         "https://github.com/ServiceNow/seasonal-contrast/blob/8285173ec205b64bc3e53b880344dd6c3f79fa7a/"
         f"datasets/seco_dataset.py (QUANTILES, normalize); {_TORCHGEO_RESNET} (_seco_transforms)",
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bands=("B04", "B03", "B02")),
     Normalization(
         "sen12ms_s1_clip_permax",
         "SSLTransformerRS: clip S1 dB to [-25, 0], add 25, then divide each channel by its own maximum over "
