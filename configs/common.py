@@ -85,8 +85,11 @@ def base() -> ConfigDict:
   ))
   config.eval = ConfigDict(dict(batch_size=32))
   config.mesh = ConfigDict(dict(data=-1))
+  # source: the layout of a .pth init_from ('' detects: torchvision, moco, dino, dual_resnet); modality: the
+  # encoder single-encoder weights go to ('' = the catalogue's, else s2 for 12/13/3 bands, s1 for 2);
+  # weights_dir: where catalog:NAME files are ('' = $LABELEFF_WEIGHTS_DIR or ~/.cache/labeleff_jax/weights).
   config.transfer = ConfigDict(dict(mode="finetune", load=[], dont_load=[], backbone="backbone",
-                                    backbone_lr_scale=1.0))
+                                    backbone_lr_scale=1.0, source="", modality="", weights_dir=""))
   # collapse_threshold: an embedding_spread below it at a log step is reported as a collapse (warning, and
   # summary.json's collapsed_at_step); a spread of ~1 means spread out, ~0 all projections on one point.
   config.contrastive = ConfigDict(dict(temperature=0.1, collapse_threshold=0.05))

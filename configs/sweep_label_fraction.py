@@ -12,12 +12,18 @@ Arguments:
 - `width=N` (ResNet-18 base width, 64 = torchvision), `image_size=N` (random crops in training, centre
   crops in evaluation);
 - `synthetic` (800 synthetic patches), `quick` (synthetic-quick: small encoder and crops, sized for a
-  2-core CPU, see docs/results.md), `tiny` (test-sized).
+  2-core CPU, see docs/results.md), `tiny` (test-sized);
+- `published=catalog:NAME` or `published=FILE.pth`: published S2 weights as a third starting point, adding
+  the methods `published_finetune` and `published_linear_probe` (with `published_model=resnet18|resnet50`
+  and `published_width=64` for a file outside the catalogue; a catalogue entry says both, and its input
+  scaling is applied to those runs through data.presets).
 """
 
 from configs import common
 from configs import contrastive
 from configs import finetune
+from labeleff_jax.data import presets
+from labeleff_jax.weights import catalog
 
 # Defaults of the three sizes. quick: ResNet-18 at width 16 on 32 px crops; see docs/results.md for why.
 SIZES = {
@@ -37,7 +43,7 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, tiny=False, synthetic=False, quick=False, seeds=3,
                          fractions="0.01:0.05:0.1:0.25:0.5:1.0", methods="scratch:finetune:linear_probe",
                          label="lulc_top", steps=0, pretrain_steps=0, batch_size=32, lr=3e-4, probe_lr=1e-3,
-                         width=0, image_size=0)
+                         width=0, image_size=0, published="", published_model="resnet18", published_width=64)
   size = "tiny" if arg.tiny else "quick" if arg.quick else "full"
   defaults = SIZES[size]
   data_arg = "tiny" if arg.tiny else "synthetic" if (arg.synthetic or arg.quick) else ""
@@ -57,11 +63,22 @@ def get_config(arg=None):
   config.seeds = list(range(arg.seeds))
   config.fractions = [float(f) for f in arg.fractions.split(":")]
   config.methods = arg.methods.split(":")
+  config.published = common.ConfigDict(dict(init_from=arg.published, model=arg.published_model,
+                                            width=arg.published_width, presets={}))
+  if arg.published:
+    if arg.published.startswith(catalog.CATALOG_PREFIX):
+      entry = catalog.get(arg.published)
+      config.published.update(model=entry.architecture, width=64)
+      if entry.normalization in presets.PRESET_MODALITIES:
+        config.published.presets = {entry.modality: entry.normalization}
+    if "methods=" not in raw_arg:
+      config.methods += ["published_finetune", "published_linear_probe"]
   config.metrics = [f"{arg.label}/accuracy", f"{arg.label}/macro_f1"]
   config.steps = arg.steps or defaults["steps"]
   config.pretrain_steps = arg.pretrain_steps or defaults["pretrain_steps"]
   config.batch_size = arg.batch_size
-  config.learning_rates = common.ConfigDict(dict(scratch=arg.lr, finetune=arg.lr, linear_probe=arg.probe_lr))
+  config.learning_rates = common.ConfigDict(dict(scratch=arg.lr, finetune=arg.lr, linear_probe=arg.probe_lr,
+                                                 published_finetune=arg.lr, published_linear_probe=arg.probe_lr))
   config.compilation_cache = True
   # Applied over every run's config, so pretraining and downstream runs read one dataset with one encoder.
   config.data = common.ConfigDict({key: downstream.data[key] for key in SHARED_DATA_KEYS})

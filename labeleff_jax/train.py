@@ -138,7 +138,7 @@ def init_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ob
   """Builds model (maybe loaded from `init_from`) and optimizer, replicates them on `mesh`, makes the steps."""
   model = models.create_model(config, rngs=nnx.Rngs(config.seed))
   num_params = models.count_params(model)
-  transfer_report = transfer.maybe_initialize(model, config)
+  transfer_report = transfer.load_pretrained(model, config)
   schedule = optim.make_schedule(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   tx = transfer.scale_backbone_updates(
       optim.make_optimizer(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps), config)

@@ -1,6 +1,16 @@
-"""Transfer learning: load named sub-trees of an earlier run's checkpoint into a new model.
+"""Transfer learning: load an earlier run's checkpoint, or published PyTorch weights, into a new model.
 
-`config.init_from` names a run workdir (or its checkpoints/ folder, or one step folder).
+`config.init_from` names one of:
+- a run workdir (or its checkpoints/ folder, or one step folder): our own orbax checkpoint;
+- a PyTorch `.pth` file (torchvision/timm ResNet state dicts, SSL4EO-S12 MoCo or DINO checkpoints, the
+  dual S1/S2 ResNet of Scheibenreif et al.), read without torch (labeleff_jax/weights/pth.py), its layout
+  detected or forced with `config.transfer.source`, its ResNets renamed onto ours
+  (labeleff_jax/weights/convert.py) and its input bands matched to ben-ge's by name (13-band Sentinel-2
+  weights lose B10's input kernel, Sentinel-1 weights in VV, VH order are reordered to VH, VV);
+- `catalog:NAME`, a published file of labeleff_jax/weights/catalog.py, looked up in
+  `config.transfer.weights_dir` (default $LABELEFF_WEIGHTS_DIR or ~/.cache/labeleff_jax/weights) after
+  `python -m labeleff_jax.weights.fetch NAME`; the catalogue also says the file's bands and the input
+  scaling it was trained with, which is compared with `config.data.presets` (a warning if they differ).
 `config.transfer.load` is a list of "SOURCE=TARGET" path prefixes (slash-separated paths in the model's
 state); an empty list means "same paths". Every model keeps its trunk at `backbone` and each encoder at
 `backbone/encoders/<modality>`, so "backbone=backbone" moves the dual encoder's S2 ResNet-18
@@ -17,6 +27,7 @@ The optimizer is always built on the model that was loaded (the reference's defe
 to another model, cannot happen: `train.py` builds the optimizer after loading, from the same object).
 """
 
+import pathlib
 import re
 from typing import Any
 
@@ -31,6 +42,11 @@ import orbax.checkpoint as ocp
 
 from labeleff_jax import checkpoint as checkpoint_lib
 from labeleff_jax import config_checks
+from labeleff_jax.data import presets as input_presets
+from labeleff_jax.weights import catalog
+from labeleff_jax.weights import convert
+from labeleff_jax.weights import layouts
+from labeleff_jax.weights import pth
 
 
 
@@ -135,8 +151,83 @@ def _int_keys(tree):
   return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
 
 
-def maybe_initialize(model: nnx.Module, config: ml_collections.ConfigDict) -> dict | None:
-  """Loads `config.init_from` into `model` in place; returns the report (None without init_from)."""
+PTH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt")
+
+
+def _is_pth(init_from: str) -> bool:
+  return str(init_from).endswith(PTH_SUFFIXES) or pathlib.Path(init_from).is_file()
+
+
+def _normalization_note(entry, config) -> str | None:
+  """How the data's scaling of the weights' modality compares with the one the weights were trained with."""
+  presets = dict(config.data.get("presets", {})) if "data" in config else {}
+  used = presets.get(entry.modality, "")
+  if used == entry.normalization:
+    return f"data.presets.{entry.modality}={used!r}: the scaling the weights were trained with"
+  wanted = catalog.NORMALIZATIONS[entry.normalization]
+  usable = entry.normalization in input_presets.PRESET_MODALITIES
+  now = (f"data.presets.{entry.modality}={used!r}" if used else
+         f"data.normalization={config.data.get('normalization', 'reference')!r}")
+  return (f"{entry.name} was trained on inputs scaled as {entry.normalization!r} ({wanted.description}) "
+          f"but this run scales {entry.modality} by {now}"
+          + (f": set --config.data.presets.{entry.modality}={entry.normalization}" if usable else
+             ": ben-ge cannot be scaled that way, so expect the features to shift"))
+
+
+def _pth_source(init_from: str, config, target: dict) -> tuple[dict, dict]:
+  """The flat source dict (our paths) of a .pth file or catalogue entry, and what was done to make it."""
+  transfer = config.get("transfer", ml_collections.ConfigDict())
+  entry = None
+  path = init_from
+  if init_from.startswith(catalog.CATALOG_PREFIX):
+    entry = catalog.get(init_from)
+    path = catalog.resolve(init_from, transfer.get("weights_dir", "") or None)
+  state = pth.read_pth(path)
+  modality = transfer.get("modality", "") or (entry.modality if entry else None)
+  source_layout = transfer.get("source", "") or (entry.layout if entry else None)
+  weight_bands = entry.bands if entry else None
+  if entry is not None and entry.layout == "dual_resnet":
+    weight_bands = {entry.modality: entry.bands}
+  try:
+    source, info = convert.build_source(state, target, source=source_layout, modality=modality,
+                                        weight_bands=weight_bands)
+  except (convert.ConversionError, layouts.LayoutError) as error:
+    raise TransferError(
+        f"init_from {init_from}: {error}\nThe model is config.model.name={config.model.get('name')!r} at "
+        f"config.model.width={config.model.get('width')}: published ResNets have width 64; set "
+        "--config.model.name=resnet50 for ResNet-50 weights (resnet18 for ResNet-18), and "
+        "--config.transfer.source to force a layout.") from error
+  if entry is not None and entry.subtree:
+    # A catalogue entry names one encoder of a two-encoder file: only that one is loaded.
+    keep = info["loaded"].get(entry.modality)
+    source = {key: value for key, value in source.items() if keep and key.startswith(keep + "/")}
+    info["loaded"] = {entry.modality: keep} if keep else {}
+  info.pop("ignored", None)  # can be thousands of keys (a MoCo momentum encoder); the summary stays
+  info = {"file": str(path), **info}
+  if entry is not None:
+    info["catalog"] = entry.name
+    info["normalization"] = _normalization_note(entry, config)
+    presets = dict(config.data.get("presets", {})) if "data" in config else {}
+    used = presets.get(entry.modality, "")
+    if "B10" in entry.bands and used and not input_presets.maps_zero_to_zero(used):
+      info["bands"].append(f"B10's input kernel dropped: under {used!r} this equals a B10 at the preset's "
+                           "mean, not a zero B10")
+    if used != entry.normalization:
+      logging.warning("transfer: %s", info["normalization"])
+  else:
+    info["normalization"] = ("unknown for a file outside the catalogue: scale the inputs the way the "
+                             "weights were trained (data.presets)")
+  return source, info
+
+
+def load_pretrained(model: nnx.Module, config: ml_collections.ConfigDict) -> dict | None:
+  """Loads `config.init_from` (a run, a .pth file or catalog:NAME) into `model` in place.
+
+  Returns the report: 'loaded' (model paths filled), 'skipped' (checkpoint arrays not used), 'fresh'
+  (model paths left as initialised) and, for published weights, 'source' (file, layout, architecture,
+  band handling, normalisation); None without init_from. A shape mismatch, or a checkpoint that fills
+  nothing, is a TransferError.
+  """
   init_from = config.get("init_from", None)
   transfer = config.get("transfer", ml_collections.ConfigDict())
   mode = transfer.get("mode", "finetune")
@@ -145,11 +236,20 @@ def maybe_initialize(model: nnx.Module, config: ml_collections.ConfigDict) -> di
     if mode == "linear_probe":
       raise TransferError("transfer.mode='linear_probe' needs config.init_from (a pretrained run)")
     return None
+  init_from = str(init_from)
   state = nnx.state(model, nnx.Not(nnx.RngState))
   target = nnx.to_pure_dict(state)
-  source = load_checkpoint_model_state(init_from)
+  origin = None
+  if init_from.startswith(catalog.CATALOG_PREFIX) or _is_pth(init_from):
+    source, origin = _pth_source(init_from, config, target)
+    source = traverse_util.unflatten_dict(source, sep="/")
+  else:
+    source = load_checkpoint_model_state(init_from)
   new_flat, report = apply_mapping(target, source, _parse_mapping(transfer.get("load", [])),
                                    transfer.get("dont_load", []))
+  if origin is not None:
+    report["source"] = origin
+    report["skipped"] = sorted(set(report["skipped"]) | set(origin.get("skipped", [])))
   nnx.replace_by_pure_dict(state, _int_keys(traverse_util.unflatten_dict(new_flat, sep="/")))
   nnx.update(model, state)
   logging.info("transfer from %s: loaded %d arrays, skipped %d, fresh %d", init_from,

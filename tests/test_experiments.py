@@ -110,6 +110,37 @@ def test_configs_reject_unknown_rows_and_methods(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Tiny experiments end to end.
 # ---------------------------------------------------------------------------------------------------------
+def test_label_fraction_sweep_with_published_weights(data_dirs, tmp_path):
+  # A torchvision-layout ResNet-18 of width 8 with 13 input bands, written by torch (tests/fixtures/pth).
+  weights = os.path.join(REPO, "tests", "fixtures", "pth", "resnet18_w8_s2.pth")
+  config = _with_data(sweep_label_fraction.get_config(
+      f"tiny,seeds=1,fractions=1.0,published={weights},published_width=8"), data_dirs)
+  assert list(config.methods) == ["scratch", "finetune", "linear_probe", "published_finetune",
+                                  "published_linear_probe"]
+  config.unlock()
+  config.methods = ["published_finetune", "published_linear_probe"]  # no pretraining run is needed then
+  assert [run.name for run in label_fraction_sweep.plan(config, tmp_path)] == [
+      "published_finetune/frac1/seed0", "published_linear_probe/frac1/seed0"]
+  results = experiments.run(config, tmp_path)
+  assert "published weights + linear probe" in results["markdown"] and weights in results["markdown"]
+  # Both runs start from the file's S2 encoder (B10's input kernel dropped); the probe keeps it exactly.
+  from labeleff_jax.weights import pth  # pylint: disable=g-import-not-at-top
+  torch_state = pth.read_pth(weights)
+  stem = np.delete(torch_state["conv1.weight"], 10, axis=1).transpose(2, 3, 1, 0)  # OIHW, no B10 -> HWIO
+  probe = _model_arrays(tmp_path / "published_linear_probe" / "frac1" / "seed0")
+  tuned = _model_arrays(tmp_path / "published_finetune" / "frac1" / "seed0")
+  np.testing.assert_array_equal(probe[f"{S2_ENCODER}/conv1/kernel"], stem)
+  np.testing.assert_array_equal(probe[f"{S2_ENCODER}/bn1/var"], torch_state["bn1.running_var"])
+  np.testing.assert_array_equal(probe[f"{S2_ENCODER}/blocks/7/conv2/kernel"],
+                                torch_state["layer4.1.conv2.weight"].transpose(2, 3, 1, 0))
+  assert not np.array_equal(tuned[f"{S2_ENCODER}/conv1/kernel"], stem)
+  for method in config.methods:
+    report = runner.read_summary(tmp_path / method / "frac1" / "seed0")["transfer"]
+    assert report["source"]["layout"] == "torchvision" and report["source"]["width"] == 8
+    assert report["source"]["bands"] == ["dropped B10 from 13-band weights"]
+    assert report["fresh"] == ["heads/lulc_top/head/dense/bias", "heads/lulc_top/head/dense/kernel"]
+
+
 def test_label_fraction_sweep_tiny_is_complete_and_resumes(data_dirs, tmp_path, monkeypatch):
   config = _with_data(sweep_label_fraction.get_config("tiny,seeds=1,fractions=0.5:1.0"), data_dirs)
   # Records the source indices every run's training iterator is built on, by run folder: equal counts would

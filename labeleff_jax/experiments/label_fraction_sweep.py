@@ -5,7 +5,9 @@ For every seed S the sweep pretrains one S2/S1 dual encoder on all training imag
 (`METHOD/fracF/seedS`):
 - `scratch`: random initialisation, every parameter trains;
 - `finetune`: the pretrained S2 encoder as initialisation, every parameter trains;
-- `linear_probe`: the pretrained S2 encoder frozen (BatchNorm statistics included), only the head trains.
+- `linear_probe`: the pretrained S2 encoder frozen (BatchNorm statistics included), only the head trains;
+- `published_finetune`, `published_linear_probe`: the same two from published weights (`config.published`:
+  a .pth file or catalog:NAME, its architecture and width, and the input scaling it was trained with).
 At one fraction all three methods see the same labelled subset (nested and class-stratified, with the
 fixed `data.label_fraction_seed`), the same batch size and the same number of optimizer steps, so the
 comparison isolates the initialisation. Training length is a fixed number of optimizer steps
@@ -24,9 +26,13 @@ from labeleff_jax import writers
 from labeleff_jax.experiments import runner
 from labeleff_jax.experiments import tables
 
-METHODS = ("scratch", "finetune", "linear_probe")
+METHODS = ("scratch", "finetune", "linear_probe", "published_finetune", "published_linear_probe")
 METHOD_LABELS = {"scratch": "supervised from scratch", "finetune": "contrastive + fine-tune",
-                 "linear_probe": "contrastive + linear probe"}
+                 "linear_probe": "contrastive + linear probe",
+                 "published_finetune": "published weights + fine-tune",
+                 "published_linear_probe": "published weights + linear probe"}
+# The methods that start from this sweep's own contrastive pretraining.
+PRETRAINED_METHODS = ("finetune", "linear_probe")
 METRIC_LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "miou": "mIoU", "micro_f1": "micro F1"}
 
 
@@ -46,6 +52,9 @@ def _check(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"fractions: {fraction} is not in (0, 1]")
   if not config.seeds:
     raise ValueError("seeds is empty: the sweep needs at least one seed")
+  published = [method for method in config.methods if method.startswith("published_")]
+  if published and not config.get("published", {}).get("init_from", ""):
+    raise ValueError(f"methods {published} need published weights: give published=catalog:NAME or FILE.pth")
   if config.steps <= 0 or config.pretrain_steps <= 0:
     raise ValueError(f"steps={config.steps} and pretrain_steps={config.pretrain_steps} must be positive")
 
@@ -62,20 +71,28 @@ def plan(config: ml_collections.ConfigDict, root: str | pathlib.Path) -> list[ru
   root = pathlib.Path(root).resolve()
   runs = []
   for seed in config.seeds:
-    pretrain = runner.clone(config.pretrain)
-    _shared(pretrain, config)
-    pretrain.seed = int(seed)
-    pretrain.train.max_steps = config.pretrain_steps
     pretrain_dir = f"pretrain/seed{seed}"
-    runs.append(runner.Run(pretrain_dir, pretrain, {"method": "pretrain", "seed": int(seed)}))
+    if any(method in PRETRAINED_METHODS for method in config.methods):
+      pretrain = runner.clone(config.pretrain)
+      _shared(pretrain, config)
+      pretrain.seed = int(seed)
+      pretrain.train.max_steps = config.pretrain_steps
+      runs.append(runner.Run(pretrain_dir, pretrain, {"method": "pretrain", "seed": int(seed)}))
     for fraction in config.fractions:
       for method in config.methods:
         run = runner.clone(config.downstream)
         _shared(run, config)
         run.seed = int(seed)
         run.data.label_fraction = float(fraction)
-        run.transfer.mode = "linear_probe" if method == "linear_probe" else "finetune"
-        run.init_from = "" if method == "scratch" else str(root / pretrain_dir)
+        run.transfer.mode = "linear_probe" if method.endswith("linear_probe") else "finetune"
+        if method.startswith("published_"):
+          # The published encoder's architecture and width; only the input scaling differs in the data.
+          run.init_from = config.published.init_from
+          run.model.update(name=config.published.model, width=int(config.published.width))
+          for modality, preset in config.published.presets.items():
+            run.data.presets[modality] = preset
+        else:
+          run.init_from = "" if method == "scratch" else str(root / pretrain_dir)
         run.optimizer.learning_rate = float(config.learning_rates[method])
         run.train.max_steps = config.steps
         # Only the final checkpoint: these runs take a minute or two, and tiny labelled sets make an
@@ -153,7 +170,9 @@ def write_results(config: ml_collections.ConfigDict, records, root: pathlib.Path
               f"Dataset `{config.data.name}`{data_note}; test split; mean ± std over seeds "
               f"{list(config.seeds)} (in %); {config.steps} optimizer steps per run, batch size up to "
               f"{config.batch_size}; "
-              f"{config.pretrain_steps} contrastive pretraining steps per seed.\n",
+              f"{config.pretrain_steps} contrastive pretraining steps per seed"
+              + (f"; published weights: `{config.published.init_from}`" if config.get("published", {}).get(
+                  "init_from", "") else "") + ".\n",
               f"Command: `{config.get('command', '')}`\n" if config.get("command", "") else ""]
   plots = []
   for metric in metrics:
