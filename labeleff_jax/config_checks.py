@@ -113,6 +113,11 @@ def check_data(config) -> None:
       raise ConfigError(f"data.image_size={image_size} is larger than the stored {constants.PATCH_SIZE} px")
   check_choice(get(data, "normalization", "reference"), NORMALIZATIONS, "data.normalization")
   check_int(get(data, "normalization_max_examples", 1000), "data.normalization_max_examples", minimum=1)
+  from labeleff_jax.data import presets  # pylint: disable=g-import-not-at-top
+  try:
+    presets.check(dict(get(data, "presets", {})))
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   check_choice(get(data, "num_views", 1), (1, 2), "data.num_views")
   threshold = get(data, "multilabel_threshold", 0.05)
   if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
@@ -246,6 +251,21 @@ def required_labels(config) -> list[str]:
   return sorted(set(labels))
 
 
+def check_transfer(config) -> None:
+  """transfer.* and a catalog:NAME init_from (the weights files themselves are checked when read)."""
+  from labeleff_jax.weights import catalog, layouts  # pylint: disable=g-import-not-at-top
+  transfer = config.get("transfer", None)
+  check_choice(get(transfer, "mode", "finetune"), TRANSFER_MODES, "transfer.mode")
+  check_choice(get(transfer, "source", ""), layouts.AUTO + layouts.LAYOUTS, "transfer.source")
+  check_choice(get(transfer, "modality", ""), ("", *catalog.MODALITIES), "transfer.modality")
+  init_from = str(config.get("init_from", "") or "")
+  if init_from.startswith(catalog.CATALOG_PREFIX):
+    try:
+      catalog.get(init_from)
+    except KeyError as error:
+      raise ConfigError(f"init_from: {error.args[0]}") from None
+
+
 def check(config, *, num_data_devices: int) -> None:
   """The whole config of a training run; raises ConfigError on the first inconsistency found."""
   check_data(config)
@@ -260,7 +280,7 @@ def check(config, *, num_data_devices: int) -> None:
     raise ConfigError("train.num_epochs must be positive (or set train.max_steps)")
   check_model(config)
   check_optimizer(config)
-  check_choice(get(config.get("transfer", None), "mode", "finetune"), TRANSFER_MODES, "transfer.mode")
+  check_transfer(config)
   label = probe_label(config)
   if label is not None and getattr(constants.LABELS.get(label), "kind", None) != "classification":
     raise ConfigError(f"probe.label={label!r} must be a classification label: "

@@ -206,6 +206,10 @@ def _supervised(**changes):
     ({"data.name": "ben-ge-9k"}, "data.name='ben-ge-9k'"),
     ({"train.compute_dtype": "float16"}, "compute_dtype='float16'"),
     ({"data.modalities": ["s2", "climatezone"]}, "leaks the answer"),
+    ({"data.presets.s1": "s2_div10000"}, r"data.presets.s1='s2_div10000' scales s2"),
+    ({"transfer.source": "simclr"}, "transfer.source='simclr'"),
+    ({"transfer.modality": "dem"}, "transfer.modality='dem'"),
+    ({"init_from": "catalog:torchgeo_resnet18_s2_moco"}, r"init_from: .*torchgeo_resnet18_s2_all_moco"),
 ])
 def test_config_checks_name_the_key(changes, message):
   with pytest.raises(config_checks.ConfigError, match=message):
