@@ -77,8 +77,9 @@ def get_config(arg=None):
   config.steps = arg.steps or defaults["steps"]
   config.pretrain_steps = arg.pretrain_steps or defaults["pretrain_steps"]
   config.batch_size = arg.batch_size
-  config.learning_rates = common.ConfigDict(dict(scratch=arg.lr, finetune=arg.lr, linear_probe=arg.probe_lr,
-                                                 published_finetune=arg.lr, published_linear_probe=arg.probe_lr))
+  config.learning_rates = common.ConfigDict(dict(
+      scratch=arg.lr, finetune=arg.lr, linear_probe=arg.probe_lr, published_finetune=arg.lr,
+      published_linear_probe=arg.probe_lr))
   config.compilation_cache = True
   # Applied over every run's config, so pretraining and downstream runs read one dataset with one encoder.
   config.data = common.ConfigDict({key: downstream.data[key] for key in SHARED_DATA_KEYS})

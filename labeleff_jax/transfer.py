@@ -158,10 +158,14 @@ def _is_pth(init_from: str) -> bool:
   return str(init_from).endswith(PTH_SUFFIXES) or pathlib.Path(init_from).is_file()
 
 
-def _normalization_note(entry, config) -> str | None:
+def _data_preset(config, modality: str) -> str:
+  """config.data.presets' scaling of `modality` ('' when the modality keeps data.normalization)."""
+  return dict(config.data.get("presets", {})).get(modality, "") if "data" in config else ""
+
+
+def _normalization_note(entry, config) -> str:
   """How the data's scaling of the weights' modality compares with the one the weights were trained with."""
-  presets = dict(config.data.get("presets", {})) if "data" in config else {}
-  used = presets.get(entry.modality, "")
+  used = _data_preset(config, entry.modality)
   if used == entry.normalization:
     return f"data.presets.{entry.modality}={used!r}: the scaling the weights were trained with"
   wanted = catalog.NORMALIZATIONS[entry.normalization]
@@ -202,17 +206,18 @@ def _pth_source(init_from: str, config, target: dict) -> tuple[dict, dict]:
     keep = info["loaded"].get(entry.modality)
     source = {key: value for key, value in source.items() if keep and key.startswith(keep + "/")}
     info["loaded"] = {entry.modality: keep} if keep else {}
-  info.pop("ignored", None)  # can be thousands of keys (a MoCo momentum encoder); the summary stays
+  # The ignored keys can be thousands (a MoCo momentum encoder): the report keeps their grouped summary.
+  info.pop("ignored", None)
   info = {"file": str(path), **info}
+  s2_preset = _data_preset(config, "s2")
+  if any("dropped B10" in line for line in info["bands"]) and s2_preset and not (
+      input_presets.maps_zero_to_zero(s2_preset)):
+    info["bands"].append(f"B10's input kernel dropped: under data.presets.s2={s2_preset!r} this equals a B10 "
+                         "at the preset's mean, not a zero B10")
   if entry is not None:
     info["catalog"] = entry.name
     info["normalization"] = _normalization_note(entry, config)
-    presets = dict(config.data.get("presets", {})) if "data" in config else {}
-    used = presets.get(entry.modality, "")
-    if "B10" in entry.bands and used and not input_presets.maps_zero_to_zero(used):
-      info["bands"].append(f"B10's input kernel dropped: under {used!r} this equals a B10 at the preset's "
-                           "mean, not a zero B10")
-    if used != entry.normalization:
+    if _data_preset(config, entry.modality) != entry.normalization:
       logging.warning("transfer: %s", info["normalization"])
   else:
     info["normalization"] = ("unknown for a file outside the catalogue: scale the inputs the way the "

@@ -1,4 +1,4 @@
-"""Label-fraction sweep: training from scratch against contrastive pretraining + fine-tuning or linear probing.
+"""Label-fraction sweep: training from scratch against pretrained encoders + fine-tuning or linear probing.
 
 For every seed S the sweep pretrains one S2/S1 dual encoder on all training images without labels
 (`pretrain/seedS`), then trains the same S2 classifier at every label fraction F with each method
