@@ -4,6 +4,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole suite, its worker processes and the subprocesses it starts:
+# many tests compile the same tiny models, and compiling dominates them on a 2-core CPU. Cached executables
+# are the very programs a fresh compile gives, so no result depends on it.
+_CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"labeleff_jax_tests_xla_cache_{os.getuid()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 
