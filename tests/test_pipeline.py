@@ -339,6 +339,23 @@ def test_standardisation_from_training_statistics(mesh):
                              (source[0]["dem"] - values.mean()) / values.std(), rtol=1e-4, atol=1e-5)
 
 
+def test_presets_reach_training_and_evaluation_batches(mesh):
+  source = InMemoryBenGe(16)
+  presets = ml_collections.ConfigDict(dict(s2="s2_div10000", s1="s1_db_zscore_ssl4eo"))
+  config = make_config(modalities=["s2", "s1"], presets=presets,
+                       augment=ml_collections.ConfigDict(dict(flip=False, rot90=False)))
+  training = to_numpy(next(train_iterator(config, source, mesh, labels=[])))
+  evaluation = to_numpy(next(eval_batches(config, source, mesh, labels=[])))
+  for batch in (training, evaluation):
+    for row, index in enumerate(batch["index"]):
+      raw = source[int(index)]
+      # Unclipped /10000 (the reference scaling would clip reflectances above 1), and dB z-scores.
+      np.testing.assert_allclose(batch["inputs"]["s2"][row], raw["s2"] / 10000.0, rtol=1e-6)
+      expected_s1 = (raw["s1"] - np.array([-20.26, -12.59])) / np.array([5.91, 5.26])  # VH, VV
+      np.testing.assert_allclose(batch["inputs"]["s1"][row], expected_s1, rtol=1e-5, atol=1e-6)
+  assert training["inputs"]["s2"].max() > 1.0
+
+
 def test_auto_axis_mesh_with_a_second_axis(mesh):
   auto = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   config = make_config()
