@@ -26,6 +26,8 @@ import re
 import shlex
 import urllib.parse
 
+from labeleff_jax.weights import layouts
+
 CATALOG_PREFIX = "catalog:"
 WEIGHTS_DIR_ENV = "LABELEFF_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = "~/.cache/labeleff_jax/weights"
@@ -38,9 +40,12 @@ MODALITIES = ("s2", "s1")
 #   "module.encoder_k.*", queue}}, of which encoder_q without fc is the backbone; dino: an SSL4EO-S12 DINO
 #   training checkpoint, {"teacher": {"module.backbone.*", ...}, "student": ...}; dual_resnet: the
 #   SSLTransformerRS checkpoint {"state_dict": {"backbone1.*" (S1), "backbone2.*" (S2)}} (fc = SimCLR head).
-LAYOUTS = ("torchvision", "moco", "dino", "dual_resnet")
+LAYOUTS = layouts.LAYOUTS
+# Sentinel-2 L1C's 13 bands in band-number order (SSL4EO-S12's and SEN12MS's 13-channel input order; ben-ge
+# has the same bands without B10), and Sentinel-1 as SSL4EO-S12 and SEN12MS store it (ben-ge: VH, VV).
 S2_BAND_NAMES = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 S1_BAND_NAMES = ("VV", "VH")
+S2_RGB_BAND_NAMES = ("B04", "B03", "B02")
 # torch.hub's convention for a file name "<stem>-<hex>.<ext>": the hex is the start of the file's SHA-256.
 HUB_HASH_RE = re.compile(r"-([a-f0-9]*)\.")
 
@@ -55,8 +60,8 @@ _SSL4EO_DATASET = f"{_SSL4EO}/src/benchmark/pretrain_ssl/datasets/SSL4EO/ssl4eo_
 _SSLTRS = "https://github.com/HSG-AIML/SSLTransformerRS/blob/23ffb689e124f74342ebcec50ad946a582d0f64a"
 
 _S2_L1C = S2_BAND_NAMES  # SSL4EO-S12 ALL_BANDS_S2_L1C and SEN12MS S2Bands.ALL, both with B10 after B09
-_S2_RGB = ("B04", "B03", "B02")
-_S1_VV_VH = ("VV", "VH")
+_S2_RGB = S2_RGB_BAND_NAMES
+_S1_VV_VH = S1_BAND_NAMES
 
 
 @dataclasses.dataclass(frozen=True)

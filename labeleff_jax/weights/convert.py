@@ -17,15 +17,14 @@ from typing import Any
 import numpy as np
 
 from labeleff_jax.data import constants
+from labeleff_jax.weights import catalog
 from labeleff_jax.weights import layouts
 
-# Sentinel-2 L1C's 13 bands in band-number order, the input order of SSL4EO-S12's and SEN12MS's 13-channel
-# ResNets; ben-ge has the same bands without B10 (cirrus).
-S2_13_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
-# SSL4EO-S12 stores Sentinel-1 GRD as VV, VH (torchgeo's S1 normalisation means, -12.59 and -20.26 dB, are
-# VV's and VH's), and so does SEN12MS (Scheibenreif et al.'s data); ben-ge's order is VH, VV.
-S1_WEIGHT_BANDS = ("VV", "VH")
-RGB_BANDS = ("B04", "B03", "B02")
+# The published weights' band orders (catalog.py): 13 S2 L1C bands; S1 as VV, VH (torchgeo's S1 means,
+# -12.59 and -20.26 dB, are VV's and VH's), the order of SSL4EO-S12 and SEN12MS; RGB as B04, B03, B02.
+S2_13_BANDS = catalog.S2_BAND_NAMES
+S1_WEIGHT_BANDS = catalog.S1_BAND_NAMES
+RGB_BANDS = catalog.S2_RGB_BAND_NAMES
 _DEFAULT_WEIGHT_BANDS = {13: S2_13_BANDS, 12: constants.S2_BANDS, 2: S1_WEIGHT_BANDS, 3: RGB_BANDS}
 _KNOWN_BANDS = frozenset(S2_13_BANDS) | {"VV", "VH", "HH", "HV"}
 # Band names of ben-ge's image modalities, in the order a batch holds them.
