@@ -19,6 +19,8 @@ Arguments:
   scaling is applied to those runs through data.presets).
 """
 
+import os
+
 from configs import common
 from configs import contrastive
 from configs import finetune
@@ -63,7 +65,10 @@ def get_config(arg=None):
   config.seeds = list(range(arg.seeds))
   config.fractions = [float(f) for f in arg.fractions.split(":")]
   config.methods = arg.methods.split(":")
-  config.published = common.ConfigDict(dict(init_from=arg.published, model=arg.published_model,
+  published = arg.published
+  if published and not published.startswith(catalog.CATALOG_PREFIX):
+    published = os.path.abspath(os.path.expanduser(published))  # the runs may start elsewhere
+  config.published = common.ConfigDict(dict(init_from=published, model=arg.published_model,
                                             width=arg.published_width, presets={}))
   if arg.published:
     if arg.published.startswith(catalog.CATALOG_PREFIX):

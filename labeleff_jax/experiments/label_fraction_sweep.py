@@ -8,7 +8,7 @@ For every seed S the sweep pretrains one S2/S1 dual encoder on all training imag
 - `linear_probe`: the pretrained S2 encoder frozen (BatchNorm statistics included), only the head trains;
 - `published_finetune`, `published_linear_probe`: the same two from published weights (`config.published`:
   a .pth file or catalog:NAME, its architecture and width, and the input scaling it was trained with).
-At one fraction all three methods see the same labelled subset (nested and class-stratified, with the
+At one fraction all methods see the same labelled subset (nested and class-stratified, with the
 fixed `data.label_fraction_seed`), the same batch size and the same number of optimizer steps, so the
 comparison isolates the initialisation. Training length is a fixed number of optimizer steps
 (`config.steps`) rather than epochs: at 1 % of the labels an epoch is a single batch, and a fixed epoch
