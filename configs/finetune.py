@@ -50,5 +50,4 @@ def use_published_weights(config, entry: catalog.WeightsEntry) -> None:
     raise ValueError(f"init_from={catalog.CATALOG_PREFIX}{entry.name}: a {entry.modality} encoder; this "
                      "classifier reads s2 (use an s2 entry, or set data.modalities and transfer.modality)")
   config.model.update(name=entry.architecture, width=64)
-  if entry.normalization in presets.PRESET_MODALITIES:
-    config.data.presets[entry.modality] = entry.normalization
+  config.data.presets.update(presets.for_weights(entry))

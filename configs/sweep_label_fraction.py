@@ -74,8 +74,7 @@ def get_config(arg=None):
     if arg.published.startswith(catalog.CATALOG_PREFIX):
       entry = catalog.get(arg.published)
       config.published.update(model=entry.architecture, width=64)
-      if entry.normalization in presets.PRESET_MODALITIES:
-        config.published.presets = {entry.modality: entry.normalization}
+      config.published.presets = presets.for_weights(entry)
     if "methods=" not in raw_arg:
       config.methods += ["published_finetune", "published_linear_probe"]
   config.metrics = [f"{arg.label}/accuracy", f"{arg.label}/macro_f1"]

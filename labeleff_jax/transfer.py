@@ -169,7 +169,7 @@ def _normalization_note(entry, config) -> str:
   if used == entry.normalization:
     return f"data.presets.{entry.modality}={used!r}: the scaling the weights were trained with"
   wanted = catalog.NORMALIZATIONS[entry.normalization]
-  usable = entry.normalization in input_presets.PRESET_MODALITIES
+  usable = bool(input_presets.for_weights(entry))
   now = (f"data.presets.{entry.modality}={used!r}" if used else
          f"data.normalization={config.data.get('normalization', 'reference')!r}")
   return (f"{entry.name} was trained on inputs scaled as {entry.normalization!r} ({wanted.description}) "

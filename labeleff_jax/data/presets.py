@@ -44,6 +44,11 @@ def check(presets: Mapping[str, str]) -> dict[str, str]:
   return chosen
 
 
+def for_weights(entry: catalog.WeightsEntry) -> dict[str, str]:
+  """The data.presets that scale ben-ge as `entry`'s weights were trained ({} if ben-ge cannot be)."""
+  return {entry.modality: entry.normalization} if entry.normalization in PRESET_MODALITIES else {}
+
+
 def _per_band(values, modality: str, name: str) -> np.ndarray:
   """A catalogue preset's per-band numbers in ben-ge's band order (picked by band name)."""
   normalization = catalog.NORMALIZATIONS[name]

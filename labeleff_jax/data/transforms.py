@@ -409,6 +409,11 @@ class ExampleTransform:
     used = set(self.modalities) | ({"lulc"} if "lulc" in self.labels else set())
     return tuple(name for name in RASTER_FEATURES if name in used)
 
+  @functools.cached_property
+  def preset_of(self) -> dict[str, str]:
+    """`presets` as a mapping, built once rather than for every example."""
+    return dict(self.presets)
+
   @property
   def uses_rng(self) -> bool:
     """Whether `view` draws random numbers (a random crop, a flip or turn, spectral jitter)."""
@@ -436,7 +441,7 @@ class ExampleTransform:
       rasters = random_dihedral(rasters, rng, flip=self.flip, rot90=self.rot90)
     transformed = {**example, **rasters}
     inputs = normalize(transformed, self.modalities, self.stats, out=None if out is None else out["inputs"],
-                       presets=dict(self.presets))
+                       presets=self.preset_of)
     if self.train and self.spectral.active:
       inputs = spectral_augment(inputs, rng, self.spectral, in_place=True)
     result = {"inputs": inputs}
