@@ -73,6 +73,7 @@ def _tiles(height: int, width: int, tile: int) -> tuple[int, int]:
   return -(-height // tile), -(-width // tile)
 
 
+@jax.named_scope("winograd_input_transform")
 def _winograd_input_tiles(x: jax.Array, tile: int) -> list:
   """B^T d B of every (tile+2)^2 input window d (stride tile, input padded by 1): (tile+2)^2 arrays
   [windows, channels].
@@ -91,6 +92,7 @@ def _winograd_input_tiles(x: jax.Array, tile: int) -> list:
           for a in range(size) for b in range(size)]
 
 
+@jax.named_scope("winograd_output_transform")
 def _winograd_output(products: list, output_shape, tile: int) -> jax.Array:
   """A^T M A of the transformed products [windows, channels]: the output, tile x tile pixels per window."""
   at = _WINOGRAD[tile][2]
@@ -103,6 +105,7 @@ def _winograd_output(products: list, output_shape, tile: int) -> jax.Array:
   return y.reshape(batch, tile * tiles_h, tile * tiles_w, channels)[:, :height, :width]
 
 
+@jax.named_scope("winograd_kernel_transform")
 def _winograd_kernels(w: jax.Array, tile: int) -> list:
   """G g G^T of every input/output channel pair of a 3x3 HWIO kernel: (tile+2)^2 arrays [in, out].
 
@@ -119,7 +122,9 @@ def _winograd_kernels(w: jax.Array, tile: int) -> list:
 def winograd_conv3x3(x: jax.Array, w: jax.Array, tile: int) -> jax.Array:
   """3x3 convolution, stride 1, padding 1, NHWC/HWIO, by Winograd F(tile x tile, 3x3)."""
   kernels = _winograd_kernels(w, tile)
-  products = [v @ u for v, u in zip(_winograd_input_tiles(x, tile), kernels)]
+  inputs = _winograd_input_tiles(x, tile)
+  with jax.named_scope("winograd_matmuls"):
+    products = [v @ u for v, u in zip(inputs, kernels)]
   return _winograd_output(products, x.shape[:3] + (w.shape[-1],), tile)
 
 
@@ -135,13 +140,17 @@ def winograd_kernel_gradient(x: jax.Array, dy: jax.Array, tile: int) -> jax.Arra
   grads = []
   for k, v in enumerate(inputs):
     a, b = divmod(k, size)
-    dm = _linear_combination(np.outer(at[:, a], at[:, b]).ravel(), pixels)
-    grads.append(jax.lax.dot_general(v, dm.reshape(-1, channels), (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32))
-  grads = jnp.stack(grads).reshape(size * size, -1)
-  return jnp.dot(np.kron(g, g).T, grads).reshape(3, 3, x.shape[-1], channels)
+    with jax.named_scope("winograd_gradient_transform"):
+      dm = _linear_combination(np.outer(at[:, a], at[:, b]).ravel(), pixels)
+    with jax.named_scope("winograd_matmuls"):
+      grads.append(jax.lax.dot_general(v, dm.reshape(-1, channels), (((0,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.float32))
+  with jax.named_scope("winograd_kernel_transform"):
+    grads = jnp.stack(grads).reshape(size * size, -1)
+    return jnp.dot(np.kron(g, g).T, grads).reshape(3, 3, x.shape[-1], channels)
 
 
+@jax.named_scope("tapwise_kernel_gradient")
 def kernel_gradient(x: jax.Array, dy: jax.Array, kernel_shape: tuple, strides, padding) -> jax.Array:
   """d(loss)/d(kernel) of an NHWC/HWIO convolution: for each tap (i, j), patches(i, j)^T @ dy."""
   kh, kw, cin, cout = kernel_shape
