@@ -11,6 +11,8 @@ Three rewrites of what XLA:CPU does by itself, for NHWC inputs and HWIO kernels:
 Results differ from XLA's convolution by float32 rounding (~1e-6 relative, ~1e-5 for F(4x4)). The
 gradients are hand-written (`jax.custom_vjp`), so these convolutions have no forward-mode derivative:
 use `conv_impl='xla'` for `jax.jvp` / `jax.jacfwd`. Tile sizes and measurements: docs/performance_cpu.md.
+Each part runs under a named scope (winograd_input_transform, winograd_matmuls, ...), so profiles of a
+step, and benchmarks/conv_profile.py, can tell the transforms from the matmuls.
 """
 
 import functools
