@@ -22,6 +22,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import pathlib
 import re
 import sys
@@ -113,16 +114,12 @@ def profile_step(config, *, warmup: int, steps: int) -> dict:
   """Traces `steps` train steps and attributes every thunk's time (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from labeleff_jax import models, objectives, sharding, train  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import models  # pylint: disable=g-import-not-at-top
 
-  mesh = sharding.make_mesh(1)
-  setup = train.init_training(config, mesh, objectives.make_objective(config), steps_per_epoch=100,
-                              total_steps=1000)
-  state, rng_state = setup.state, setup.rng_state
-  batch = jax.device_put(train_step_benchmark.random_batch(config, config.train.batch_size),
-                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-  with jax.set_mesh(mesh):
-    compiled = setup.train_step.lower(state, rng_state, batch, jnp.asarray(0, jnp.int32)).compile()
+  built = train_step_benchmark.build_step(config)
+  state, rng_state, batch = built.state, built.rng_state, built.batch
+  with jax.set_mesh(built.mesh):
+    compiled = built.train_step.lower(state, rng_state, batch, jnp.asarray(0, jnp.int32)).compile()
     hlo = parse_hlo(compiled.as_text())
     for i in range(warmup):
       state, _ = compiled(state, rng_state, batch, jnp.asarray(i, jnp.int32))
@@ -250,9 +247,6 @@ def main():
   parts = args.parts.split(",")
   if set(parts) - {"step", "layers"}:
     parser.error(f"--parts takes step and/or layers, got {args.parts!r}")
-  import os  # pylint: disable=g-import-not-at-top
-  from configs import supervised  # pylint: disable=g-import-not-at-top
-
   environment = train_step_benchmark.environment(None)
   environment["recipe_env"] = {k: os.environ[k] for k in ("LD_PRELOAD", "XLA_FLAGS") if os.environ.get(k)}
   report = {"benchmark": "where the U-Net train step spends its time on a CPU; 3x3 convolutions by method",
@@ -260,11 +254,7 @@ def main():
             "environment": environment, "step": [], "layers": {}}
   for batch in [int(b) for b in args.batches.split(",")]:
     if "step" in parts:
-      config = supervised.get_config()
-      config.unlock()
-      config.train.batch_size = batch
-      config.model.conv_impl = args.conv_impl
-      config.mesh.data = 1
+      config = train_step_benchmark.benchmark_config("supervised", batch, "float32", args.conv_impl)
       report["step"].append(profile_step(config, warmup=args.warmup, steps=args.steps))
     if "layers" in parts:
       report["layers"][str(batch)] = profile_layers(batch, [int(t) for t in args.tiles.split(",")],

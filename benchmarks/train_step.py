@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_REFERENCE = REPO / "benchmarks" / "torch_reference.py"
@@ -81,23 +82,34 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict:
           "index": np.arange(batch_size, dtype=np.int32)}
 
 
-def run_jax_step(config, *, warmup: int, steps: int) -> dict:
-  """Builds the engine's donated train step for `config`, compiles it, runs warm-up and timed steps."""
+def build_step(config) -> types.SimpleNamespace:
+  """The engine's donated train step for `config` on a 1-device mesh, with its state, a random global
+  batch and the seconds the build took: mesh, num_params, state, rng_state, train_step, batch, build_s."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from labeleff_jax import models, objectives, sharding, train  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import objectives, sharding, train  # pylint: disable=g-import-not-at-top
 
-  batch_size = config.train.batch_size
   mesh = sharding.make_mesh(1)
   start = time.perf_counter()
   setup = train.init_training(config, mesh, objectives.make_objective(config), steps_per_epoch=100,
                               total_steps=1000)
-  num_params, state, rng_state, train_step = setup.num_params, setup.state, setup.rng_state, setup.train_step
-  del setup
-  batch = jax.device_put(random_batch(config, batch_size),
+  batch = jax.device_put(random_batch(config, config.train.batch_size),
                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-  jax.block_until_ready((state, batch))
-  build_s = time.perf_counter() - start
+  jax.block_until_ready((setup.state, batch))
+  return types.SimpleNamespace(mesh=mesh, num_params=setup.num_params, state=setup.state,
+                               rng_state=setup.rng_state, train_step=setup.train_step, batch=batch,
+                               build_s=time.perf_counter() - start)
+
+
+def run_jax_step(config, *, warmup: int, steps: int) -> dict:
+  """Builds the engine's donated train step for `config`, compiles it, runs warm-up and timed steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from labeleff_jax import models  # pylint: disable=g-import-not-at-top
+
+  built = build_step(config)
+  mesh, num_params, state, rng_state = built.mesh, built.num_params, built.state, built.rng_state
+  train_step, batch, build_s, batch_size = built.train_step, built.batch, built.build_s, config.train.batch_size
+  del built
 
   with jax.set_mesh(mesh):
     step_arg = jnp.asarray(0, jnp.int32)
@@ -135,20 +147,26 @@ def run_jax_step(config, *, warmup: int, steps: int) -> dict:
           "last_loss": float(jax.device_get(last["loss"])), "warmup_steps": warmup, "timed_steps": steps}
 
 
-def worker(spec: dict) -> dict:
+def benchmark_config(bench: str, batch: int, dtype: str, conv_impl: str):
+  """configs/supervised.py or configs/contrastive.py at this batch size, dtype and conv_impl, 1 device."""
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-  if spec["bench"] == "supervised":
+  if bench == "supervised":
     from configs import supervised  # pylint: disable=g-import-not-at-top
     config = supervised.get_config()
   else:
     from configs import contrastive  # pylint: disable=g-import-not-at-top
     config = contrastive.get_config()
   config.unlock()
-  config.train.batch_size = spec["batch"]
-  config.train.compute_dtype = spec["dtype"]
-  config.model.conv_impl = spec["conv_impl"]
+  config.train.batch_size = batch
+  config.train.compute_dtype = dtype
+  config.model.conv_impl = conv_impl
   config.mesh.data = 1
+  return config
+
+
+def worker(spec: dict) -> dict:
+  config = benchmark_config(spec["bench"], spec["batch"], spec["dtype"], spec["conv_impl"])
   return run_jax_step(config, warmup=spec["warmup"], steps=spec["steps"])
 
 
