@@ -1,7 +1,10 @@
 """Tests of the input pipeline: shuffling, determinism, resume, complete evaluation, sharding, workers."""
 
+import gc
 import json
 import multiprocessing
+import os
+import pathlib
 import threading
 
 import grain
@@ -539,8 +542,9 @@ def test_batches_are_aligned_for_zero_copy_device_placement(mesh):
   np.testing.assert_array_equal(batch["index"], to_numpy(next(iterator))["index"])
   # For worker processes the large arrays are grain's shared memory (page-aligned), the small ones not.
   template = {"inputs": {"big": np.zeros((64, 64, 4), np.float32)}, "labels": {}, "index": np.int32(0)}
-  shared = pipeline.empty_batch(template, 4, shared_memory=True)
+  shared = pipeline.empty_batch(template, 4, shared_memory=f"lej_{os.getpid()}_test_")
   assert isinstance(shared["inputs"]["big"], grain.multiprocessing.SharedMemoryArray)
+  shared["inputs"]["big"].unlink_on_del()
   assert shared["inputs"]["big"].shape == (4, 64, 64, 4) and shared["labels"] == {}
   assert not isinstance(shared["index"], grain.multiprocessing.SharedMemoryArray)
   assert shared["index"].shape == (4,) and shared["index"].dtype == np.int32
@@ -627,6 +631,31 @@ def test_close_ends_the_worker_processes(mesh):
   assert not any(worker.is_alive() for worker in workers)
   with pytest.raises(RuntimeError, match="closed"):
     next(iterator)
+
+
+def test_worker_processes_reuse_returned_batch_memory_and_leave_none_behind(mesh, monkeypatch):
+  segments = []  # (inode, name) of every shared-memory segment the caller receives
+  adopt = pipeline._SegmentReturns.adopt
+
+  def recording_adopt(self, batch):
+    for leaf in jax.tree.leaves(batch):
+      if isinstance(leaf, grain.multiprocessing.SharedMemoryArray):
+        segments.append((os.stat(f"/dev/shm/{leaf.shm.name}").st_ino, leaf.shm.name))
+    return adopt(self, batch)
+  monkeypatch.setattr(pipeline._SegmentReturns, "adopt", recording_adopt)
+  config = make_config(num_workers=2, prefetch=2, augment=ml_collections.ConfigDict(dict(noise_std=0.1)))
+  source = InMemoryBenGe(40)
+  iterator = train_iterator(config, source, mesh, labels=["lulc"])
+  for step in range(30):
+    # Reused memory holds an older batch until the worker overwrites it: every value must be the new one.
+    assert_batches_equal([iterator.host_batch(step)], [to_numpy(next(iterator))])
+  iterator.close()
+  del iterator
+  gc.collect()
+  # s2 is the one array large enough for shared memory (8 x 16 x 16 x 12 float32 = 96 KiB).
+  assert len(segments) == 30
+  assert len({inode for inode, _ in segments}) <= 12, segments  # per batch in flight, not per batch
+  assert not list(pathlib.Path("/dev/shm").glob(f"lej_{os.getpid()}_*"))
 
 
 def test_a_killed_worker_process_is_reported_not_waited_for(mesh):

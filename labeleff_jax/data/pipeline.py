@@ -33,11 +33,14 @@ import dataclasses
 import itertools
 import json
 import math
+import mmap
 import os
 import pathlib
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
+from multiprocessing import resource_tracker
 from multiprocessing import shared_memory as multiprocessing_shared_memory
 
 from absl import flags
@@ -240,17 +243,17 @@ def _aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
   return memory[start:start + num_bytes].view(dtype).reshape(shape)
 
 
-def empty_batch(template: Mapping, rows: int, *, shared_memory: bool = False) -> dict:
+def empty_batch(template: Mapping, rows: int, *, shared_memory: str | None = None,
+                reuse: bool = False) -> dict:
   """`rows` rows shaped like `template` (one row), uninitialised and 64-byte aligned, which jax adopts
-  without a copy. With `shared_memory` (in grain's worker processes) the large arrays are grain
-  SharedMemoryArrays instead (page-aligned): grain then hands them to the caller as they are."""
+  without a copy. With `shared_memory`, a segment name prefix (in grain's worker processes), the large
+  arrays are grain SharedMemoryArrays instead (page-aligned): grain then hands them to the caller as they
+  are. With `reuse` they are this worker's arrays that the caller returned, where it has some that fit."""
   def empty(leaf):
     leaf = np.asarray(leaf)
     shape = (rows,) + leaf.shape
-    if shared_memory and leaf.nbytes * rows >= _MIN_SHARED_BYTES:
-      size = math.prod(shape) * np.dtype(leaf.dtype).itemsize
-      block = multiprocessing_shared_memory.SharedMemory(_shared_memory_name(), create=True, size=size)
-      return grain.multiprocessing.SharedMemoryArray.from_shared_memory(block, shape, leaf.dtype)
+    if shared_memory is not None and leaf.nbytes * rows >= _MIN_SHARED_BYTES:
+      return _shared_array(shape, leaf.dtype, prefix=shared_memory, reuse=reuse)
     return _aligned_empty(shape, leaf.dtype)
   return jax.tree.map(empty, dict(template))
 
@@ -261,10 +264,13 @@ def _row(batch: Mapping, row: int) -> dict:
 
 class _Rows:
   """Batch k of this process's rows (`__call__`), written row by row straight into fresh batch memory."""
-  shared_memory = False  # set on the copy that grain's worker processes run
+  # Set on the copy that grain's worker processes run: batches in shared memory, reused once returned.
+  shared_memory = None
+  reuse_shared_memory = False
 
   def __call__(self, batch_index: int) -> dict:
-    batch = empty_batch(self.template, self.local_batch_size, shared_memory=self.shared_memory)
+    batch = empty_batch(self.template, self.local_batch_size, shared_memory=self.shared_memory,
+                        reuse=self.reuse_shared_memory)
     self.fill(int(batch_index), batch)
     return batch
 
@@ -382,18 +388,92 @@ def _allow_grain_worker_processes() -> None:
     flag.present = 1
 
 
+# Batch memory of worker processes. A shared-memory segment that a worker maps anew costs the kernel a
+# page fault per 4 KiB when the worker first writes it (and a zeroed page, when the segment is new): for a
+# 30 MB batch several times the cost of writing it. So each worker keeps its segments mapped and reuses
+# them: when the caller's arrays of a batch are garbage, the caller returns the segment by renaming its
+# file in Linux's shm folder to NAME_free, and the worker that made it, the only one that looks for its
+# names, renames it back and writes the next batch into it. The file system is the back channel that
+# grain's worker processes lack. Without /dev/shm (macOS) every batch gets fresh segments, as in grain.
+# Segment names: 'lej_PARENT_STREAM_WORKER_N', so that a stream's or a dead parent's can be found.
 _SHARED_MEMORY_PREFIX = "lej_"  # short: macOS allows 31 characters
-_shared_memory_blocks = itertools.count()
+_SHARED_MEMORY_FOLDER = pathlib.Path("/dev/shm")
+_RETURNED = "_free"
+_streams = itertools.count()  # in the caller
+_shared_memory_blocks = itertools.count()  # in a worker
+# In a worker: its shared arrays by segment name, each in a batch in flight or returned to it.
+_worker_arrays: dict[str, grain.multiprocessing.SharedMemoryArray] = {}
 
 
-def _shared_memory_name() -> str:
-  """A batch block's name, 'lej_PARENT_WORKER_N': a dead parent's leftovers can be found and removed."""
-  return f"{_SHARED_MEMORY_PREFIX}{os.getppid()}_{os.getpid()}_{next(_shared_memory_blocks)}"
+def _shared_array(shape: tuple, dtype: np.dtype, *, prefix: str,
+                  reuse: bool) -> grain.multiprocessing.SharedMemoryArray:
+  """An uninitialised array in shared memory: with `reuse`, one of this worker's returned ones if any."""
+  mine = f"{prefix}{os.getpid()}_"
+  if reuse:
+    for returned in _SHARED_MEMORY_FOLDER.glob(f"{mine}*{_RETURNED}"):
+      name = returned.name[:-len(_RETURNED)]
+      array = _worker_arrays.get(name)
+      if array is not None and array.shape == shape and array.dtype == dtype:
+        os.rename(returned, _SHARED_MEMORY_FOLDER / name)
+        # In flight again: the resource tracker unlinks it if nobody else does (see _SegmentReturns).
+        resource_tracker.register(f"/{name}", "shared_memory")
+        return array
+  size = math.prod(shape) * np.dtype(dtype).itemsize
+  segment = multiprocessing_shared_memory.SharedMemory(f"{mine}{next(_shared_memory_blocks)}", create=True,
+                                                       size=size)
+  array = grain.multiprocessing.SharedMemoryArray.from_shared_memory(segment, shape, dtype)
+  if reuse:
+    _worker_arrays[segment.name] = array  # also keeps grain from closing the mapping after handing it over
+  return array
+
+
+class _SegmentReturns:
+  """The caller's end of segment reuse for one stream of worker batches (see `_shared_array`).
+
+  `adopt` takes each batch as grain hands it over: its segments go back to their worker when its arrays
+  are garbage, instead of being unlinked by grain. When this object is garbage (after the stream, its
+  workers and every batch it made) or the program ends, the stream's segments that are left are removed:
+  returned ones nobody claimed, and those a worker held when it was stopped.
+  """
+
+  def __init__(self):
+    self.prefix = f"{_SHARED_MEMORY_PREFIX}{os.getpid()}_{next(_streams)}_"
+    weakref.finalize(self, _remove_stream_segments, self.prefix)
+
+  def adopt(self, batch: dict) -> dict:
+    for leaf in jax.tree.leaves(batch):
+      if (isinstance(leaf, grain.multiprocessing.SharedMemoryArray) and isinstance(leaf.base, mmap.mmap)
+          and leaf.shm.name.startswith(self.prefix)):  # ours, not one grain copied a leaf into
+        leaf._unlink_on_del = False  # pylint: disable=protected-access  (returned by us, not unlinked by grain)
+        weakref.finalize(leaf, self._return, leaf.shm.name)
+    return batch
+
+  def _return(self, name: str) -> None:
+    """Returns a segment to its worker. A method, so that every batch in use keeps this object alive."""
+    # Not tracked while returned (this object removes it if nobody claims it); the worker tracks it again
+    # when it claims it. Unregistered before the rename, so that the two messages reach the tracker in
+    # this order.
+    resource_tracker.unregister(f"/{name}", "shared_memory")
+    try:
+      os.rename(_SHARED_MEMORY_FOLDER / name, _SHARED_MEMORY_FOLDER / f"{name}{_RETURNED}")
+    except FileNotFoundError:  # removed already (a worker whose parent died): nothing to reuse
+      pass
+
+
+def _remove_stream_segments(prefix: str) -> None:
+  for path in _SHARED_MEMORY_FOLDER.glob(f"{prefix}*"):
+    path.unlink(missing_ok=True)
+    if not path.name.endswith(_RETURNED):
+      # In flight when its worker stopped, so tracked; unless the worker was killed between making and
+      # tracking it. Tracking it first makes untracking it safe either way.
+      resource_tracker.register(f"/{path.name}", "shared_memory")
+      resource_tracker.unregister(f"/{path.name}", "shared_memory")
 
 
 def _remove_shared_memory_of(parent: int) -> None:
-  """Unlinks every batch block made for `parent` that nobody unlinked (it died before reading them)."""
-  for path in pathlib.Path("/dev/shm").glob(f"{_SHARED_MEMORY_PREFIX}{parent}_*"):  # Linux's shm folder
+  """Unlinks every batch block made for `parent` that nobody unlinked (it died before reading them or
+  before its streams removed them)."""
+  for path in _SHARED_MEMORY_FOLDER.glob(f"{_SHARED_MEMORY_PREFIX}{parent}_*"):  # Linux's shm folder
     path.unlink(missing_ok=True)
 
 
@@ -439,15 +519,18 @@ def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: i
         grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=max(prefetch, num_workers))))
   _allow_grain_worker_processes()
   in_shared_memory = copy.copy(rows)
-  in_shared_memory.shared_memory = True
+  returns = _SegmentReturns()
+  in_shared_memory.shared_memory = returns.prefix
+  in_shared_memory.reuse_shared_memory = reuse = _SHARED_MEMORY_FOLDER.is_dir()
   # Each worker makes whole batches, one at a time; grain hands them over in order.
   stream = dataset.map(in_shared_memory).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   stream = grain.experimental.WithOptionsIterDataset(
       stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_BYTES))
-  return iter(stream.mp_prefetch(grain.MultiprocessingOptions(
+  stream = stream.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=num_workers, per_worker_buffer_size=max(1, -(-prefetch // num_workers))),
-      worker_init_fn=_exit_with_parent))
+      worker_init_fn=_exit_with_parent)
+  return iter(stream.map(returns.adopt) if reuse else stream)
 
 
 # ---------------------------------------------------------------------------------------------------------
