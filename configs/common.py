@@ -57,7 +57,7 @@ def base() -> ConfigDict:
       multilabel_threshold=0.05,
       num_views=1,
       num_workers=0,  # grain workers making training batches (0: made when asked for, in the caller)
-      worker_type="process",  # or 'thread': grain threads, faster on 2-4 cores (benchmarks/README.md)
+      worker_type="process",  # or 'thread': grain threads (one process; the GIL limits them)
       prefetch=2,  # batches read ahead
       augment=ConfigDict(dict(flip=True, rot90=True, brightness=0.0, contrast=0.0, noise_std=0.0,
                               blur_prob=0.0)),

@@ -13,8 +13,9 @@ Design, in short:
   processes (`mp_prefetch`, `data.worker_type='process'`, the default) make whole batches in grain's
   shared memory and hand them over in step order; with 0 workers each batch is made in the caller when
   asked for. Processes by default, because much of the per-example work holds the GIL, so only processes
-  scale with a host's cores; but each batch's fresh shared memory costs them kernel time, and on 2-4
-  cores grain threads (`data.worker_type='thread'`) made more batches (benchmarks/README.md).
+  scale with a host's cores (`data.worker_type='thread'`: grain threads instead). Each worker reuses its
+  batches' shared memory once the caller is done with them (see "Batch memory of worker processes"):
+  fresh shared memory for every batch cost more kernel time than making the batch.
   Evaluation passes always read ahead with grain threads: a pass is short and made anew for every
   evaluation, and starting processes for it would cost more than they save.
 - Each process builds only its own rows of the global batch and hands them to
