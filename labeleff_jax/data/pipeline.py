@@ -264,7 +264,7 @@ def _row(batch: Mapping, row: int) -> dict:
 
 
 class _Rows:
-  """Batch k of this process's rows (`__call__`), written row by row straight into fresh batch memory."""
+  """Batch k of this process's rows (`__call__`), written row by row straight into the batch's memory."""
   # Set on the copy that grain's worker processes run: batches in shared memory, reused once returned.
   shared_memory = None
   reuse_shared_memory = False
