@@ -57,6 +57,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the project's pa
   sys.path.insert(0, str(REPO))
 
 BATCH_SIZE = 32
+# Environment variables that change how the loaders run, recorded with the result.
+_ENVIRONMENT_KEYS = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "XLA_FLAGS", "OMP_NUM_THREADS")
 MODALITIES = ("s2", "s1", "dem", "lulc")
 # What the reference's sample carries besides the rasters: the climate zone, the dominant land cover, the
 # season and the land-cover mask; the pipeline is asked for the same labels.
@@ -645,7 +647,9 @@ def main(argv=None) -> dict:
                    "warmup_batches": args.warmup_batches, "reference_batches": args.reference_batches,
                    "pipeline_batches": args.pipeline_batches, "modalities": list(MODALITIES),
                    "labels": list(LABELS), "pipeline_augmented": {"flip": True, "rot90": True},
-                   "synthetic_seed": SYNTHETIC_SEED},
+                   "synthetic_seed": SYNTHETIC_SEED,
+                   # The process setup both loaders inherit (scripts/cpu_env.sh sets LD_PRELOAD).
+                   "environment": {key: os.environ[key] for key in _ENVIRONMENT_KEYS if key in os.environ}},
   }
   manual_dir, raw_folder = raw_dataset(data_root, PIPELINE_PATCHES)
   data_dir, dataset_dir = prepared_dataset(data_root, manual_dir)
