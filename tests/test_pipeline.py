@@ -658,6 +658,16 @@ def test_worker_processes_reuse_returned_batch_memory_and_leave_none_behind(mesh
   assert not list(pathlib.Path("/dev/shm").glob(f"lej_{os.getpid()}_*"))
 
 
+def test_without_shared_memory_files_every_batch_gets_fresh_segments(mesh, monkeypatch):
+  monkeypatch.setattr(pipeline, "_segments_are_files", lambda: False)  # as on macOS
+  config = make_config(num_workers=2, prefetch=2)
+  iterator = train_iterator(config, InMemoryBenGe(40), mesh, labels=["lulc"])
+  for step in range(6):
+    assert_batches_equal([iterator.host_batch(step)], [to_numpy(next(iterator))])
+  iterator.close()
+  assert not list(pathlib.Path("/dev/shm").glob(f"lej_{os.getpid()}_*_free"))  # nothing was returned
+
+
 def test_a_killed_worker_process_is_reported_not_waited_for(mesh):
   iterator = train_iterator(make_config(num_workers=2), InMemoryBenGe(16), mesh, labels=["lulc"])
   next(iterator)

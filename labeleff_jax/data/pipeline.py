@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -395,7 +396,8 @@ def _allow_grain_worker_processes() -> None:
 # them: when the caller's arrays of a batch are garbage, the caller returns the segment by renaming its
 # file in Linux's shm folder to NAME_free, and the worker that made it, the only one that looks for its
 # names, renames it back and writes the next batch into it. The file system is the back channel that
-# grain's worker processes lack. Without /dev/shm (macOS) every batch gets fresh segments, as in grain.
+# grain's worker processes lack. Where segments are not files in /dev/shm (macOS) every batch gets fresh
+# segments, as in grain.
 # Segment names: 'lej_PARENT_STREAM_WORKER_N', so that a stream's or a dead parent's can be found.
 _SHARED_MEMORY_PREFIX = "lej_"  # short: macOS allows 31 characters
 _SHARED_MEMORY_FOLDER = pathlib.Path("/dev/shm")
@@ -437,9 +439,9 @@ class _SegmentReturns:
   returned ones nobody claimed, and those a worker held when it was stopped.
   """
 
-  def __init__(self):
-    self.prefix = f"{_SHARED_MEMORY_PREFIX}{os.getpid()}_{next(_streams)}_"
-    weakref.finalize(self, _remove_stream_segments, self.prefix)
+  def __init__(self, prefix: str):
+    self.prefix = prefix
+    weakref.finalize(self, _remove_stream_segments, prefix)
 
   def adopt(self, batch: dict) -> dict:
     for leaf in jax.tree.leaves(batch):
@@ -459,6 +461,19 @@ class _SegmentReturns:
       os.rename(_SHARED_MEMORY_FOLDER / name, _SHARED_MEMORY_FOLDER / f"{name}{_RETURNED}")
     except FileNotFoundError:  # removed already (a worker whose parent died): nothing to reuse
       pass
+
+
+@functools.cache
+def _segments_are_files() -> bool:
+  """Whether this system's shared-memory segments are files in /dev/shm (Linux), which their reuse needs."""
+  if not _SHARED_MEMORY_FOLDER.is_dir():
+    return False
+  probe = multiprocessing_shared_memory.SharedMemory(create=True, size=1)
+  try:
+    return (_SHARED_MEMORY_FOLDER / probe.name).is_file()
+  finally:
+    probe.close()
+    probe.unlink()
 
 
 def _remove_stream_segments(prefix: str) -> None:
@@ -520,9 +535,8 @@ def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: i
         grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=max(prefetch, num_workers))))
   _allow_grain_worker_processes()
   in_shared_memory = copy.copy(rows)
-  returns = _SegmentReturns()
-  in_shared_memory.shared_memory = returns.prefix
-  in_shared_memory.reuse_shared_memory = reuse = _SHARED_MEMORY_FOLDER.is_dir()
+  in_shared_memory.shared_memory = prefix = f"{_SHARED_MEMORY_PREFIX}{os.getpid()}_{next(_streams)}_"
+  in_shared_memory.reuse_shared_memory = reuse = _segments_are_files()
   # Each worker makes whole batches, one at a time; grain hands them over in order.
   stream = dataset.map(in_shared_memory).to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -531,7 +545,7 @@ def _stream(rows: _Rows, first: int, stop: int, *, num_workers: int, prefetch: i
   stream = stream.mp_prefetch(grain.MultiprocessingOptions(
       num_workers=num_workers, per_worker_buffer_size=max(1, -(-prefetch // num_workers))),
       worker_init_fn=_exit_with_parent)
-  return iter(stream.map(returns.adopt) if reuse else stream)
+  return iter(stream.map(_SegmentReturns(prefix).adopt) if reuse else stream)
 
 
 # ---------------------------------------------------------------------------------------------------------
