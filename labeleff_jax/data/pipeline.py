@@ -459,7 +459,7 @@ class _SegmentReturns:
     resource_tracker.unregister(f"/{name}", "shared_memory")
     try:
       os.rename(_SHARED_MEMORY_FOLDER / name, _SHARED_MEMORY_FOLDER / f"{name}{_RETURNED}")
-    except FileNotFoundError:  # removed already (a worker whose parent died): nothing to reuse
+    except FileNotFoundError:  # removed already (by hand, or a cleaner of /dev/shm): nothing to return
       pass
 
 
