@@ -251,11 +251,14 @@ def empty_batch(template: Mapping, rows: int, *, shared_memory: str | None = Non
   without a copy. With `shared_memory`, a segment name prefix (in grain's worker processes), the large
   arrays are grain SharedMemoryArrays instead (page-aligned): grain then hands them to the caller as they
   are. With `reuse` they are this worker's arrays that the caller returned, where it has some that fit."""
+  # Listed once per batch: the returned segments its arrays may claim.
+  returned = _returned_segments(shared_memory) if shared_memory is not None and reuse else None
+
   def empty(leaf):
     leaf = np.asarray(leaf)
     shape = (rows,) + leaf.shape
     if shared_memory is not None and leaf.nbytes * rows >= _MIN_SHARED_BYTES:
-      return _shared_array(shape, leaf.dtype, prefix=shared_memory, reuse=reuse)
+      return _shared_array(shape, leaf.dtype, prefix=shared_memory, returned=returned)
     return _aligned_empty(shape, leaf.dtype)
   return jax.tree.map(empty, dict(template))
 
@@ -408,24 +411,29 @@ _shared_memory_blocks = itertools.count()  # in a worker
 _worker_arrays: dict[str, grain.multiprocessing.SharedMemoryArray] = {}
 
 
+def _returned_segments(prefix: str) -> list:
+  """The file paths of this worker's segments of stream `prefix` that the caller has returned."""
+  return list(_SHARED_MEMORY_FOLDER.glob(f"{prefix}{os.getpid()}_*{_RETURNED}"))
+
+
 def _shared_array(shape: tuple, dtype: np.dtype, *, prefix: str,
-                  reuse: bool) -> grain.multiprocessing.SharedMemoryArray:
-  """An uninitialised array in shared memory: with `reuse`, one of this worker's returned ones if any."""
-  mine = f"{prefix}{os.getpid()}_"
-  if reuse:
-    for returned in _SHARED_MEMORY_FOLDER.glob(f"{mine}*{_RETURNED}"):
-      name = returned.name[:-len(_RETURNED)]
-      array = _worker_arrays.get(name)
-      if array is not None and array.shape == shape and array.dtype == dtype:
-        os.rename(returned, _SHARED_MEMORY_FOLDER / name)
-        # In flight again: the resource tracker unlinks it if nobody else does (see _SegmentReturns).
-        resource_tracker.register(f"/{name}", "shared_memory")
-        return array
+                  returned: list | None) -> grain.multiprocessing.SharedMemoryArray:
+  """An uninitialised array in shared memory: one of the `returned` segments (claimed and taken off the
+  list) if one fits, else a new one, kept for reuse unless `returned` is None."""
+  for path in returned or ():
+    name = path.name[:-len(_RETURNED)]
+    array = _worker_arrays.get(name)
+    if array is not None and array.shape == shape and array.dtype == dtype:
+      returned.remove(path)
+      os.rename(path, _SHARED_MEMORY_FOLDER / name)
+      # In flight again: the resource tracker unlinks it if nobody else does (see _SegmentReturns).
+      resource_tracker.register(f"/{name}", "shared_memory")
+      return array
   size = math.prod(shape) * np.dtype(dtype).itemsize
-  segment = multiprocessing_shared_memory.SharedMemory(f"{mine}{next(_shared_memory_blocks)}", create=True,
-                                                       size=size)
+  segment = multiprocessing_shared_memory.SharedMemory(f"{prefix}{os.getpid()}_{next(_shared_memory_blocks)}",
+                                                       create=True, size=size)
   array = grain.multiprocessing.SharedMemoryArray.from_shared_memory(segment, shape, dtype)
-  if reuse:
+  if returned is not None:
     _worker_arrays[segment.name] = array  # also keeps grain from closing the mapping after handing it over
   return array
 
@@ -441,7 +449,7 @@ class _SegmentReturns:
 
   def __init__(self, prefix: str):
     self.prefix = prefix
-    weakref.finalize(self, _remove_stream_segments, prefix)
+    weakref.finalize(self, _remove_segments, prefix)
 
   def adopt(self, batch: dict) -> dict:
     for leaf in jax.tree.leaves(batch):
@@ -476,21 +484,16 @@ def _segments_are_files() -> bool:
     probe.unlink()
 
 
-def _remove_stream_segments(prefix: str) -> None:
+def _remove_segments(prefix: str, *, untrack: bool = True) -> None:
+  """Unlinks every segment whose name starts with `prefix`: a stream's leftovers, or (untrack=False: the
+  resource tracker was the parent's) a dead parent's."""
   for path in _SHARED_MEMORY_FOLDER.glob(f"{prefix}*"):
     path.unlink(missing_ok=True)
-    if not path.name.endswith(_RETURNED):
+    if untrack and not path.name.endswith(_RETURNED):
       # In flight when its worker stopped, so tracked; unless the worker was killed between making and
       # tracking it. Tracking it first makes untracking it safe either way.
       resource_tracker.register(f"/{path.name}", "shared_memory")
       resource_tracker.unregister(f"/{path.name}", "shared_memory")
-
-
-def _remove_shared_memory_of(parent: int) -> None:
-  """Unlinks every batch block made for `parent` that nobody unlinked (it died before reading them or
-  before its streams removed them)."""
-  for path in _SHARED_MEMORY_FOLDER.glob(f"{_SHARED_MEMORY_PREFIX}{parent}_*"):  # Linux's shm folder
-    path.unlink(missing_ok=True)
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:  # pylint: disable=unused-argument
@@ -507,7 +510,7 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:  # pylint: 
   def watch():
     while os.getppid() == parent:
       time.sleep(0.5)
-    _remove_shared_memory_of(parent)
+    _remove_segments(f"{_SHARED_MEMORY_PREFIX}{parent}_", untrack=False)  # what it never read or returned
     os._exit(1)  # pylint: disable=protected-access  (nothing else is worth running without the parent)
 
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
