@@ -4,6 +4,7 @@ One mesh axis, `data`, carries the batch; parameters are replicated. Every modul
 reduces a batch takes these from here.
 """
 
+import collections
 import dataclasses
 import zlib
 from collections.abc import Callable
@@ -64,11 +65,44 @@ def checksums(tree: Any) -> dict[str, int]:
   return {jax.tree_util.keystr(path): crc(leaf) for path, leaf in leaves}
 
 
-def wait_for_every_process(name: str) -> None:
-  """A barrier across the processes of a run (nothing with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+_barrier_uses = collections.Counter()
+
+
+def wait_for_every_process(name: str, *, timeout_s: int = 24 * 3600) -> None:
+  """A barrier across the processes of a run (nothing with one process).
+
+  It is a barrier of jax.distributed's coordination service, not a collective over the devices, so it
+  never depends on how long JAX's CPU collectives (Gloo) wait for a late process. A process that dies ends
+  the wait (the service's heartbeats); `timeout_s` only bounds a process that hangs.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  _barrier_uses[name] += 1  # every process passes the same barriers in the same order; ids are single-use
+  ocp.multihost.get_barrier_sync_fn()(key=f"{name} #{_barrier_uses[name]}", timeout_ms=timeout_s * 1000)
+
+
+def compile_together(jitted: Callable, name: str) -> Callable:
+  """`jitted` (a `jax.jit` function) for a run of several processes: its first call compiles it, waits
+  until every process has compiled it, then runs it. So the processes reach its collectives together,
+  however much longer one of them compiled (a loaded host, a different state of the compilation cache).
+  JAX's CPU collectives (Gloo) need that: when a computation's first collective over a new set of devices
+  starts more than 30 s later in one process than in another, the other fails ("Gloo context
+  initialization failed: GetKeyValue() timed out"), measured with jax 0.10.2. With one process, `jitted`
+  itself."""
+  if jax.process_count() == 1:
+    return jitted
+  compiled = False
+
+  def call(*args):
+    nonlocal compiled
+    if not compiled:
+      jitted.lower(*args).compile()  # jit's own call below finds this executable in its cache
+      wait_for_every_process(f"{name} compiled")
+      compiled = True
+    return jitted(*args)
+  return call
 
 
 def check_same_everywhere(tree: Any, what: str) -> None:

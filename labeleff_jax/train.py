@@ -112,7 +112,9 @@ def build_steps(graphdef, eval_graphdef, objective, schedule, seed: int, trainab
     model = nnx.merge(eval_graphdef, rng_state, state)["model"]
     return model.features(batch["inputs"])
 
-  return jax.jit(train_step, donate_argnums=(0,)), jax.jit(eval_step), jax.jit(embed_step)
+  return (sharding.compile_together(jax.jit(train_step, donate_argnums=(0,)), "train step"),
+          sharding.compile_together(jax.jit(eval_step), "eval step"),
+          sharding.compile_together(jax.jit(embed_step), "embedding step"))
 
 
 def objective_forward(objective, model, batch):

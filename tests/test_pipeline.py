@@ -521,6 +521,62 @@ def test_record_decoder_matches_tfds_on_every_feature_kind_it_accepts():
     np.testing.assert_array_equal(mine[key], value)
 
 
+def _field(number: int, payload: bytes) -> bytes:
+  """A length-delimited protobuf field (lengths under 128 here: one byte)."""
+  assert len(payload) < 128
+  return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def _example(features: dict) -> bytes:
+  """A tf.Example from {name: (Feature field number, list message bytes)}, written by hand."""
+  entries = b"".join(_field(1, _field(1, name.encode()) + _field(2, _field(kind, payload)))
+                     for name, (kind, payload) in features.items())
+  return _field(1, entries)
+
+
+def test_record_decoder_reads_unpacked_lists_and_negative_varints_as_protobuf_does():
+  # Writers may emit scalars unpacked (tag per value) instead of packed; both are valid tf.Examples.
+  from tensorflow_datasets.proto import tf_example_pb2
+  record = _example({
+      "value": (2, b"\x0d" + np.float32(0.3).tobytes()),  # FloatList, unpacked fixed32
+      "count": (3, b"\x08" + bytes.fromhex("f9ffffffffffffffff01")),  # Int64List, unpacked varint -7
+      "name": (1, _field(1, b"S2A")),
+      "image": (1, _field(1, np.arange(4, dtype=np.uint16).tobytes())),
+  })
+  parsed = tf_example_pb2.Example.FromString(record).features.feature  # the same bytes, read by protobuf
+  assert parsed["value"].float_list.value[0] == np.float32(0.3) and parsed["count"].int64_list.value[0] == -7
+  decoder = splits.RecordDecoder([("value", "float_list", np.dtype(np.float32), None),
+                                  ("count", "int64_list", np.dtype(np.int32), None),
+                                  ("name", "bytes_list", np.dtype(object), None),
+                                  ("image", "bytes_list", np.dtype(np.uint16), (2, 2))])
+  example = decoder(record)
+  assert example["value"] == float(np.float32(0.3)) and type(example["value"]) is float
+  assert example["count"] == -7 and type(example["count"]) is int
+  assert example["name"] == b"S2A"
+  np.testing.assert_array_equal(example["image"], [[0, 1], [2, 3]])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda record: record[:-3], "truncated"),
+    (lambda record: b"\x12" + record[1:], "not a serialised tf.Example"),
+    (lambda record: record.replace(b"image", b"imagf"), "feature 'image'"),
+])
+def test_damaged_records_name_the_example_and_the_fault(damage, message):
+  plan = [("image", "bytes_list", np.dtype(np.uint16), (2, 2))]
+  record = _example({"image": (1, _field(1, np.arange(4, dtype=np.uint16).tobytes()))})
+  source = splits.DecodedSource([record, damage(record)], splits.RecordDecoder(plan), where="split 'x'")
+  assert source[0]["image"].shape == (2, 2)
+  with pytest.raises(splits.DamagedDatasetError, match=f"example 1 of split 'x'.*{message}"):
+    source[1]
+
+
+def test_record_decoder_refuses_a_tensor_of_the_wrong_size():
+  plan = [("image", "bytes_list", np.dtype(np.uint16), (3, 2))]
+  record = _example({"image": (1, _field(1, np.arange(4, dtype=np.uint16).tobytes()))})
+  with pytest.raises(ValueError, match="'image' has 8 bytes, shape \\(3, 2\\) of uint16 needs 12"):
+    splits.RecordDecoder(plan)(record)
+
+
 @pytest.mark.parametrize("feature", ["zlib", "dynamic", "nested"])
 def test_record_decoder_leaves_other_features_to_tfds(feature):
   import tensorflow_datasets as tfds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -157,7 +158,7 @@ def open_split(config, split: str):
   if len(source):
     try:
       same = _same_example(source[0], builder.info.features.deserialize_example_np(records[0]))
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, DamagedDatasetError):
       same = False
     if not same:
       logging.warning("open_split: RecordDecoder disagrees with TFDS on split '%s'; using TFDS's decoding.",
@@ -179,23 +180,74 @@ def rebuild_advice(config, directory) -> str:
           f"--data_dir {data_dir} --config {config.data.name}")
 
 
+def _varint(record: bytes, pos: int) -> tuple[int, int]:
+  """The base-128 varint at `pos` of a protobuf message, and the position after it."""
+  result, shift = 0, 0
+  while True:
+    byte = record[pos]
+    pos += 1
+    result |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return result, pos
+    shift += 7
+
+
+def _length(record: bytes, pos: int) -> tuple[int, int]:
+  """A length-delimited field's length at `pos` (one byte in most fields, so tested first)."""
+  byte = record[pos]
+  return (byte, pos + 1) if byte < 0x80 else _varint(record, pos)
+
+
+def _example_features(record: bytes) -> dict:
+  """{feature name (bytes): (list kind, start, stop)} of a serialised tf.Example, where the kind is the
+  Feature's field number (1 bytes_list, 2 float_list, 3 int64_list) and record[start:stop] the list
+  message. Walks the wire format: Example{1: Features{1: repeated entry{1: name, 2: Feature}}}."""
+  features = {}
+  if not record:
+    return features
+  if record[0] != 0x0A:  # field 1 (features), length-delimited
+    raise ValueError("not a serialised tf.Example")
+  length, pos = _length(record, 1)
+  features_end = pos + length
+  while pos < features_end:
+    tag = record[pos]
+    length, pos = _length(record, pos + 1)
+    entry_end = pos + length
+    if tag != 0x0A or entry_end > features_end:
+      raise ValueError(f"unexpected field tag {tag} in tf.Example features")
+    name = value = None
+    while pos < entry_end:
+      tag = record[pos]
+      length, pos = _length(record, pos + 1)
+      if tag == 0x0A:
+        name = record[pos:pos + length]
+      elif tag == 0x12 and length:
+        list_length, start = _length(record, pos + 1)
+        value = (record[pos] >> 3, start, start + list_length)
+      pos += length
+    if pos != entry_end or name is None:
+      raise ValueError("truncated tf.Example feature entry")
+    if value is not None:
+      features[name] = value
+  if pos != features_end or features_end != len(record):
+    raise ValueError("truncated tf.Example")
+  return features
+
+
+_LIST_KINDS = {"bytes_list": 1, "float_list": 2, "int64_list": 3}
+
+
 class RecordDecoder:
   """Decodes a serialised example exactly as TFDS does, without TFDS's generic tf.Example parser.
 
-  That parser's generic per-feature Python bookkeeping is a large share of the input pipeline's cost per
-  example (benchmarks/README.md). Each feature the builder writes is one value of the tf.Example (a tensor
-  as raw bytes, a class label, a scalar or a text), which the protobuf parser hands over as it is; tensors
-  become read-only `np.frombuffer` views, as in TFDS.
+  Each feature the builder writes is one value of the tf.Example (a tensor as raw bytes, a class label, a
+  scalar or a text). The record's wire format is walked here rather than parsed by protobuf, because a
+  parsed message copies every value out (0.5 MB per ben-ge example, more than the rest of decoding):
+  tensors become read-only `np.frombuffer` views into the record itself, as read-only as TFDS's.
   """
 
   def __init__(self, plan: Sequence[tuple]):
-    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-
-    self._parse = tf_example_pb2.Example.FromString
     self._plan = tuple(plan)  # (name, tf.Example list field, value dtype, tensor shape or None)
-
-  def __reduce__(self):  # for worker processes: the parser is rebuilt, not pickled
-    return RecordDecoder, (self._plan,)
 
   @classmethod
   def for_features(cls, features) -> RecordDecoder | None:
@@ -229,14 +281,40 @@ class RecordDecoder:
     return cls(plan)
 
   def __call__(self, record: bytes) -> dict:
-    fields = self._parse(record).features.feature
+    """The example of one record; ValueError naming the feature if the record does not hold it."""
+    try:
+      features = _example_features(record)
+    except IndexError:
+      raise ValueError("truncated tf.Example") from None
     example = {}
     for name, field, dtype, shape in self._plan:
-      value = getattr(fields[name], field).value[0]
-      if shape is not None:
-        example[name] = np.frombuffer(value, dtype).reshape(shape)
-      else:  # TFDS returns np.array([value], dtype).item(): a Python int, float, bool or bytes
-        example[name] = value if dtype.kind == "O" else dtype.type(value).item()
+      kind, start, stop = features.get(name.encode(), (None, 0, 0))
+      if kind != _LIST_KINDS[field] or start == stop:
+        raise ValueError(f"feature '{name}' is not a non-empty {field} in the record")
+      tag = record[start]
+      if field == "bytes_list":  # one value: field 1, length-delimited
+        length, pos = _length(record, start + 1)
+        if tag != 0x0A or pos + length != stop:
+          raise ValueError(f"feature '{name}' is not one bytes value")
+        if shape is None:
+          example[name] = record[pos:stop]
+        elif length != math.prod(shape) * dtype.itemsize:
+          raise ValueError(f"feature '{name}' has {length} bytes, shape {shape} of {dtype} needs "
+                           f"{math.prod(shape) * dtype.itemsize}")
+        else:
+          example[name] = np.frombuffer(record, dtype, math.prod(shape), pos).reshape(shape)
+        continue
+      # A scalar: the first value of a packed (tag 0x0A) or unpacked (0x0D float, 0x08 varint) list.
+      pos = _length(record, start + 1)[1] if tag == 0x0A else start + 1
+      if field == "float_list" and tag in (0x0A, 0x0D):
+        value = np.frombuffer(record, "<f4", 1, pos)[0]
+      elif field == "int64_list" and tag in (0x0A, 0x08):
+        value = _varint(record, pos)[0]
+        value = value - (1 << 64) if value >= 1 << 63 else value  # int64 travels as two's complement
+      else:
+        raise ValueError(f"feature '{name}' has an unexpected {field} encoding")
+      # As TFDS: np.array([value], dtype).item(), a Python int, float or bool.
+      example[name] = dtype.type(value).item()
     return example
 
 
@@ -256,10 +334,10 @@ class DecodedSource:
   def __getitem__(self, index: int) -> dict:
     try:
       record = self._records[index]
+      return record if self._decoder is None else self._decoder(record)
     except (OSError, ValueError, RuntimeError) as error:  # array_record: "Corrupted Riegeli/records file"
       raise DamagedDatasetError(
           f"cannot read example {index} of {self._where}: {error}\n{self._advice}") from error
-    return record if self._decoder is None else self._decoder(record)
 
 
 def _same_example(ours: Mapping, theirs: Mapping) -> bool:

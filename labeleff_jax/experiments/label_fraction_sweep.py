@@ -142,12 +142,7 @@ class _BatchSizer:
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train_fn=None) -> dict:
   """Runs (or reads) the whole sweep and writes results.csv, results.md, runs.jsonl and the plots."""
-  root = pathlib.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  if config.get("compilation_cache", True):
-    runner.enable_compilation_cache(root / runner.CACHE_SUBDIR)
-  writers.write_text(root / "experiment_config.json",
-                     config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  root = runner.open_experiment(config, workdir)
   runs = plan(config, root)
   records = runner.execute(runs, root, desc="label-fraction sweep", train_fn=train_fn,
                            before_run=_BatchSizer(config))

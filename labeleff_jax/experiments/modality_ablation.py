@@ -88,12 +88,7 @@ def plan(config: ml_collections.ConfigDict) -> list[runner.Run]:
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train_fn=None) -> dict:
   """Runs (or reads) the whole ablation and writes results.csv, results.md and runs.jsonl."""
-  root = pathlib.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  if config.get("compilation_cache", True):
-    runner.enable_compilation_cache(root / runner.CACHE_SUBDIR)
-  writers.write_text(root / "experiment_config.json",
-                     config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  root = runner.open_experiment(config, workdir)
   records = runner.execute(plan(config), root, desc=f"modality ablation ({config.fusion} fusion)",
                            train_fn=train_fn)
   runner.write_records(records, root / "runs.jsonl")

@@ -97,6 +97,18 @@ def enable_compilation_cache(directory: str | pathlib.Path) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def open_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+  """Makes the experiment's root directory, turns on the compilation cache there (unless the config says
+  `compilation_cache=False`) and records the experiment's config in `experiment_config.json`."""
+  root = pathlib.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  if config.get("compilation_cache", True):
+    enable_compilation_cache(root / CACHE_SUBDIR)
+  writers.write_text(root / "experiment_config.json",
+                     config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  return root
+
+
 def default_train_fn(config, workdir):
   from labeleff_jax import train  # pylint: disable=g-import-not-at-top  (keeps table code import-light)
   return train.train_and_evaluate(config, workdir)
