@@ -164,3 +164,47 @@ def test_main_py_names_the_cluster_flag_at_fault(flags, named):
                           timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode != 0
   assert named in result.stderr, result.stderr[-2000:]
+
+
+# One process of two reaches a jitted step's first collective LATE_S after the other (as a process whose
+# compilation is slower would). JAX's CPU collectives (Gloo) fail the other after 30 s when the step is a
+# plain jax.jit (measured: "Gloo context initialization failed: GetKeyValue() timed out");
+# sharding.compile_together makes both wait for each other's compilation at a coordination-service barrier.
+LATE_PROCESS = """
+import sys, time
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp
+from labeleff_jax import sharding
+mesh = sharding.make_mesh()
+x = jax.make_array_from_process_local_data(
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.DATA_AXIS)), jnp.ones(2))
+step = sharding.compile_together(jax.jit(jnp.sum), "late step")
+if jax.process_index() == 1:
+  time.sleep(float(sys.argv[3]))
+print("sum", float(step(x)), flush=True)
+sharding.wait_for_every_process("end")
+"""
+LATE_S = 40
+
+
+def test_a_process_that_reaches_the_first_step_late_does_not_fail_the_others(tmp_path):
+  script = tmp_path / "late_process.py"
+  script.write_text(LATE_PROCESS)
+  address = f"localhost:{_free_port()}"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
+         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "PYTHONPATH": str(REPO)}
+  logs = [tmp_path / f"process{index}.log" for index in range(2)]
+  running = []
+  for index, log in enumerate(logs):
+    with log.open("w") as handle:
+      running.append(subprocess.Popen([sys.executable, str(script), address, str(index), str(LATE_S)],
+                                      cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT))
+  try:
+    for process, log in zip(running, logs):
+      # Both finish ~LATE_S after starting; a failed collective leaves the other process waiting longer.
+      assert process.wait(timeout=LATE_S + 120) == 0, log.read_text()[-3000:]
+      assert "sum 4.0" in log.read_text()
+  finally:
+    for process in running:
+      process.kill()
