@@ -43,13 +43,8 @@ def ensure_prepared(config) -> pathlib.Path:
   data_dir = pathlib.Path(config.data.data_dir).expanduser()
   name = config.data.name
   prepared = builder_lib.dataset_dir(data_dir, name)
-  if (prepared / "dataset_info.json").exists():
+  if jax.process_count() == 1 and (prepared / "dataset_info.json").exists():
     return prepared
-  if prepared.is_dir() and any(prepared.glob("*.array_record*")):
-    # Record files without the info TFDS writes last: damaged, or a preparation killed half-way that TFDS
-    # would take for finished ("Reusing dataset") and then fail on.
-    raise DamagedDatasetError(f"{prepared} holds record files but no dataset_info.json.\n"
-                              f"{rebuild_advice(config, prepared)}")
   if jax.process_index() == 0:
     # Two runs started together on fresh data would both write it: the second waits, then finds it.
     with _one_preparer_at_a_time(data_dir):
@@ -58,24 +53,34 @@ def ensure_prepared(config) -> pathlib.Path:
 
 
 def _prepare(config, builder_lib, data_dir: pathlib.Path, name: str, prepared: pathlib.Path) -> pathlib.Path:
-  if (prepared / "dataset_info.json").exists() and jax.process_count() == 1:
+  """Process 0 writes what is missing; with several processes every process passes the same two barriers,
+  whatever it found on disk when it started (one started after process 0 finished finds it all there)."""
+  writer = jax.process_index() == 0
+  done = (prepared / "dataset_info.json").exists()
+  if done and jax.process_count() == 1:
     return prepared  # prepared by another run while this one waited for the lock
+  if writer and not done and prepared.is_dir() and any(prepared.glob("*.array_record*")):
+    # Record files without the info TFDS writes last: damaged, or a preparation killed half-way that TFDS
+    # would take for finished ("Reusing dataset") and then fail on.
+    raise DamagedDatasetError(f"{prepared} holds record files but no dataset_info.json.\n"
+                              f"{rebuild_advice(config, prepared)}")
   manual_dir = pathlib.Path(config.data.manual_dir).expanduser()
-  if is_synthetic(config) and jax.process_index() == 0 and not (manual_dir / name).exists():
+  if writer and not done and is_synthetic(config) and not (manual_dir / name).exists():
     from data_builders.ben_ge import synthetic  # pylint: disable=g-import-not-at-top
     logging.info("writing synthetic %s (%d patches) into %s", name, config.data.synthetic.num_patches,
                  manual_dir)
     synthetic.write_dataset(manual_dir, name=name, num_patches=config.data.synthetic.num_patches,
                             seed=config.data.synthetic.get("seed", 0), workers=min(2, os.cpu_count() or 1))
   sharding.wait_for_every_process("ben_ge raw data")
-  if not ((manual_dir / name).exists() or (manual_dir / f"{name}.tar.gz").exists()):
-    raise FileNotFoundError(
-        f"dataset {name!r} is not prepared under {data_dir} and {manual_dir} holds neither {name}/ nor "
-        f"{name}.tar.gz. Download the archive (see data_builders/ben_ge/README.md) into {manual_dir}, or "
-        f"run: python -m data_builders.ben_ge.build --manual_dir {manual_dir} --data_dir {data_dir} "
-        f"--config {name}")
-  if jax.process_index() == 0:
-    prepared = builder_lib.prepare(manual_dir, data_dir, name)
+  if not done:
+    if not ((manual_dir / name).exists() or (manual_dir / f"{name}.tar.gz").exists()):
+      raise FileNotFoundError(
+          f"dataset {name!r} is not prepared under {data_dir} and {manual_dir} holds neither {name}/ nor "
+          f"{name}.tar.gz. Download the archive (see data_builders/ben_ge/README.md) into {manual_dir}, or "
+          f"run: python -m data_builders.ben_ge.build --manual_dir {manual_dir} --data_dir {data_dir} "
+          f"--config {name}")
+    if writer:
+      prepared = builder_lib.prepare(manual_dir, data_dir, name)
   sharding.wait_for_every_process("ben_ge prepared")
   return prepared
 
