@@ -31,6 +31,12 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
+def _cpu_env(devices: int) -> dict:
+  """This environment for a process with `devices` CPU devices and gloo collectives."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
+          "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+
+
 def _start(config: str, workdir: pathlib.Path, data_dirs: dict, *, processes: int, overrides=(),
            per_process=lambda index: []):
   """Starts main.py in `processes` processes that share 8 CPU devices; returns (Popen list, log paths).
@@ -40,8 +46,7 @@ def _start(config: str, workdir: pathlib.Path, data_dirs: dict, *, processes: in
   command = [sys.executable, "main.py", "--config", config, "--workdir", str(workdir),
              f"--config.data.data_dir={data_dirs['data_dir']}",
              f"--config.data.manual_dir={data_dirs['manual_dir']}", *overrides]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(8 // processes),
-         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  env = _cpu_env(devices=8 // processes)
   if processes > 1:
     command += [f"--coordinator_address=localhost:{_free_port()}", f"--num_processes={processes}"]
   running, logs = [], []
@@ -192,8 +197,7 @@ def test_a_process_that_reaches_the_first_step_late_does_not_fail_the_others(tmp
   script = tmp_path / "late_process.py"
   script.write_text(LATE_PROCESS)
   address = f"localhost:{_free_port()}"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
-         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "PYTHONPATH": str(REPO)}
+  env = {**_cpu_env(devices=2), "PYTHONPATH": str(REPO)}
   logs = [tmp_path / f"process{index}.log" for index in range(2)]
   running = []
   for index, log in enumerate(logs):

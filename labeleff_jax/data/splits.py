@@ -253,6 +253,10 @@ class RecordDecoder:
 
   def __init__(self, plan: Sequence[tuple]):
     self._plan = tuple(plan)  # (name, tf.Example list field, value dtype, tensor shape or None)
+    # What each record's decoding looks up, worked out once: the name as the record spells it, the
+    # Feature field number of the list, and a tensor's element count.
+    self._steps = tuple((name, name.encode(), _LIST_KINDS[field], field, dtype, shape,
+                         None if shape is None else math.prod(shape)) for name, field, dtype, shape in plan)
 
   @classmethod
   def for_features(cls, features) -> RecordDecoder | None:
@@ -292,9 +296,9 @@ class RecordDecoder:
     except IndexError:
       raise ValueError("truncated tf.Example") from None
     example = {}
-    for name, field, dtype, shape in self._plan:
-      kind, start, stop = features.get(name.encode(), (None, 0, 0))
-      if kind != _LIST_KINDS[field] or start == stop:
+    for name, key, list_kind, field, dtype, shape, count in self._steps:
+      kind, start, stop = features.get(key, (None, 0, 0))
+      if kind != list_kind or start == stop:
         raise ValueError(f"feature '{name}' is not a non-empty {field} in the record")
       tag = record[start]
       if field == "bytes_list":  # one value: field 1, length-delimited
@@ -303,11 +307,11 @@ class RecordDecoder:
           raise ValueError(f"feature '{name}' is not one bytes value")
         if shape is None:
           example[name] = record[pos:stop]
-        elif length != math.prod(shape) * dtype.itemsize:
+        elif length != count * dtype.itemsize:
           raise ValueError(f"feature '{name}' has {length} bytes, shape {shape} of {dtype} needs "
-                           f"{math.prod(shape) * dtype.itemsize}")
+                           f"{count * dtype.itemsize}")
         else:
-          example[name] = np.frombuffer(record, dtype, math.prod(shape), pos).reshape(shape)
+          example[name] = np.frombuffer(record, dtype, count, pos).reshape(shape)
         continue
       # A scalar: the first value of a packed (tag 0x0A) or unpacked (0x0D float, 0x08 varint) list.
       pos = _length(record, start + 1)[1] if tag == 0x0A else start + 1
