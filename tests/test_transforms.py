@@ -122,6 +122,12 @@ def test_labels_have_the_documented_dtypes_and_values():
   assert labels["lulc"][0, 0] == 255 and labels["lulc"][0, 1] == 255
   np.testing.assert_array_equal(labels["lulc"][1:], example["lulc"][1:])
   assert labels["season"].dtype == np.float32 and labels["season"] == np.float32(0.25)
+  # Written into a batch row's buffers instead (the pipeline's path): the same values, in those buffers.
+  out = {name: np.full(np.shape(value), 7, np.asarray(value).dtype) for name, value in labels.items()}
+  written = transforms.make_labels(example, list(constants.LABELS), threshold=0.05, out=out)
+  for name, value in labels.items():
+    assert written[name] is out[name]
+    np.testing.assert_array_equal(out[name], value)
 
 
 def test_unknown_names_and_out_of_range_classes_raise_clearly():

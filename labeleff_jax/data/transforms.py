@@ -124,9 +124,11 @@ def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None
       np.subtract(raw, stats[name]["mean"], out=target, dtype=np.float32)
       target *= stats[name]["inv_std"]
     elif name == "s2":
-      # One fused pass from uint16 into float32, then an in-place clip: no temporary copies.
+      # Convert, scale and clip in place: no temporaries, and each pass is a plain float32 loop (a
+      # multiply that also casts from uint16 runs numpy's slower buffered loop).
       target = _destination(out, name, raw.shape)
-      np.multiply(raw, np.float32(1.0 / constants.S2_SCALE), out=target, dtype=np.float32)
+      np.copyto(target, raw)
+      np.multiply(target, np.float32(1.0 / constants.S2_SCALE), out=target)
       np.clip(target, 0.0, 1.0, out=target)
     elif name == "s1":
       target = _destination(out, name, raw.shape)
@@ -159,25 +161,39 @@ def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None
   return inputs
 
 
-def make_labels(example: Mapping, labels: Sequence[str], threshold: float = 0.05) -> dict:
-  """Returns the training targets named in `labels` (constants.LABELS has their dtypes and shapes)."""
+def make_labels(example: Mapping, labels: Sequence[str], threshold: float = 0.05,
+                out: Mapping | None = None) -> dict:
+  """Returns the training targets named in `labels` (constants.LABELS has their dtypes and shapes).
+
+  With `out` (a dict of arrays of the right shapes and dtypes, e.g. a row of a batch), the targets are
+  written there and `out`'s arrays returned.
+  """
   targets = {}
   for name in labels:
+    if name == "lulc":
+      # Looked up straight into the destination: no temporary int32 map to copy.
+      raw = np.asarray(_feature(example, "lulc"))
+      target = _destination(out, name, raw.shape, np.int32)
+      np.take(_LULC_LABEL, raw.astype(np.uint8, copy=False), out=target, mode="clip")
+      targets[name] = target
+      continue
     if name == "climatezone":
-      targets[name] = np.int32(_class_index(_feature(example, name), constants.NUM_CLIMATE_ZONES, name))
+      value = np.int32(_class_index(_feature(example, name), constants.NUM_CLIMATE_ZONES, name))
     elif name == "lulc_top":
-      targets[name] = np.int32(_class_index(_feature(example, name), constants.NUM_LULC_CLASSES, name))
+      value = np.int32(_class_index(_feature(example, name), constants.NUM_LULC_CLASSES, name))
     elif name == "geocluster":
-      targets[name] = np.int32(_class_index(_feature(example, name), constants.NUM_GEOCLUSTERS, name))
+      value = np.int32(_class_index(_feature(example, name), constants.NUM_GEOCLUSTERS, name))
     elif name == "lulc_multihot":
       fractions = np.asarray(_feature(example, "lulc_fractions"), np.float32)
-      targets[name] = (fractions > threshold).astype(np.float32)
-    elif name == "lulc":
-      targets[name] = _LULC_LABEL[np.asarray(_feature(example, "lulc"), np.uint8)]
+      value = (fractions > threshold).astype(np.float32)
     elif name == "season":
-      targets[name] = np.float32(_feature(example, "season_s2"))
+      value = np.float32(_feature(example, "season_s2"))
     else:
       raise ValueError(f"Unknown label '{name}'; known labels: {sorted(constants.LABELS)}.")
+    if out is not None:
+      out[name][...] = value
+      value = out[name]
+    targets[name] = value
   return targets
 
 
@@ -446,10 +462,6 @@ class ExampleTransform:
       inputs = spectral_augment(inputs, rng, self.spectral, in_place=True)
     result = {"inputs": inputs}
     if with_labels:
-      labels = make_labels(transformed, self.labels, self.multilabel_threshold)
-      if out is not None:
-        for name, value in labels.items():
-          out["labels"][name][...] = value
-        labels = out["labels"]
-      result["labels"] = labels
+      result["labels"] = make_labels(transformed, self.labels, self.multilabel_threshold,
+                                     out=None if out is None else out["labels"])
     return result
