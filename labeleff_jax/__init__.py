@@ -4,4 +4,4 @@ Importing the package changes nothing in the process: no environment variables, 
 allocator settings. CPU-only speed-ups are opt-in (`model.conv_impl`, scripts/cpu_env.sh).
 """
 
-__version__ = "0.4.2"
+__version__ = "0.4.3"
