@@ -91,6 +91,14 @@ def _destination(out: Mapping | None, name: str, shape: tuple, dtype=np.float32)
   return target
 
 
+def _land_cover_classes(raw: np.ndarray, table: np.ndarray, out: Mapping | None, name: str) -> np.ndarray:
+  """The class of every land-cover code of `raw` by `table` (_LULC_INPUT or _LULC_LABEL), looked up straight
+  into the destination. mode='clip' skips the bounds check: uint8 codes always index the 256-entry table."""
+  target = _destination(out, name, raw.shape, table.dtype)
+  np.take(table, raw.astype(np.uint8, copy=False), out=target, mode="clip")
+  return target
+
+
 def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None = None,
               out: Mapping | None = None, presets: Mapping[str, str] | None = None) -> dict:
   """Returns the input arrays of `modalities` for one raw example (float32; lulc uint8).
@@ -144,9 +152,8 @@ def normalize(example: Mapping, modalities: Sequence[str], stats: Mapping | None
       target /= constants.ERA5_SCALE
     elif name == "lulc":
       # The class map travels (1 byte a pixel); models expand it to a one-hot on the device, which would
-      # be 44 bytes a pixel here. mode='clip' skips the bounds check: uint8 codes always index the table.
-      target = _destination(out, name, raw.shape, np.uint8)
-      np.take(_LULC_INPUT, raw.astype(np.uint8, copy=False), out=target, mode="clip")
+      # be 44 bytes a pixel here.
+      target = _land_cover_classes(raw, _LULC_INPUT, out, name)
     elif name == "season":
       target = _destination(out, name, (1,))
       target[0] = np.float32(_feature(example, "season_s2"))
@@ -170,12 +177,8 @@ def make_labels(example: Mapping, labels: Sequence[str], threshold: float = 0.05
   """
   targets = {}
   for name in labels:
-    if name == "lulc":
-      # Looked up straight into the destination: no temporary int32 map to copy.
-      raw = np.asarray(_feature(example, "lulc"))
-      target = _destination(out, name, raw.shape, np.int32)
-      np.take(_LULC_LABEL, raw.astype(np.uint8, copy=False), out=target, mode="clip")
-      targets[name] = target
+    if name == "lulc":  # written straight into `out`: no temporary int32 map to copy
+      targets[name] = _land_cover_classes(np.asarray(_feature(example, "lulc")), _LULC_LABEL, out, name)
       continue
     if name == "climatezone":
       value = np.int32(_class_index(_feature(example, name), constants.NUM_CLIMATE_ZONES, name))
