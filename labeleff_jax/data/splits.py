@@ -45,11 +45,10 @@ def ensure_prepared(config) -> pathlib.Path:
   prepared = builder_lib.dataset_dir(data_dir, name)
   if jax.process_count() == 1 and (prepared / "dataset_info.json").exists():
     return prepared
-  if jax.process_index() == 0:
-    # Two runs started together on fresh data would both write it: the second waits, then finds it.
-    with _one_preparer_at_a_time(data_dir):
-      return _prepare(config, builder_lib, data_dir, name, prepared)
-  return _prepare(config, builder_lib, data_dir, name, prepared)
+  # Two runs started together on fresh data would both write it: the second waits, then finds it.
+  lock = _one_preparer_at_a_time(data_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _prepare(config, builder_lib, data_dir, name, prepared)
 
 
 def _prepare(config, builder_lib, data_dir: pathlib.Path, name: str, prepared: pathlib.Path) -> pathlib.Path:
@@ -252,9 +251,9 @@ class RecordDecoder:
   """
 
   def __init__(self, plan: Sequence[tuple]):
-    self._plan = tuple(plan)  # (name, tf.Example list field, value dtype, tensor shape or None)
-    # What each record's decoding looks up, worked out once: the name as the record spells it, the
-    # Feature field number of the list, and a tensor's element count.
+    # plan: (name, tf.Example list field, value dtype, tensor shape or None) per feature. What each
+    # record's decoding looks up is worked out once: the name as the record spells it, the Feature field
+    # number of the list, and a tensor's element count.
     self._steps = tuple((name, name.encode(), _LIST_KINDS[field], field, dtype, shape,
                          None if shape is None else math.prod(shape)) for name, field, dtype, shape in plan)
 
